@@ -1,0 +1,451 @@
+"""V-JEPA: the model and its latent objective, in the order of the paper.
+
+Bardes et al., "Revisiting Feature Prediction for Learning Visual Representations from Video",
+arXiv 2404.08471 (2024). The official implementation is facebookresearch/jepa; this file is written
+from the paper and from facts read off that code (../shared/docs/SPEC.md), never copied from it.
+
+Symbol map (paper -> code)
+    x, y            a clip split into context tokens x and target tokens y by a mask (masking.py)
+    E_theta         `VJEPA.encoder`          context encoder, trained by gradient descent
+    E_bar_theta     `VJEPA.target_encoder`   exponential moving average of E_theta, never gets gradients
+    P_phi           `VJEPA.predictor`        narrow transformer predicting target features
+    Delta_y         `Predictor.mask_tokens`  learned mask token, one per mask generator
+    sg(.)           `torch.no_grad()`        stop-gradient on the targets
+    L1 objective    `VJEPA.forward`          mean |P_phi(E_theta(x), Delta_y) - sg(E_bar_theta(x, y))|
+
+Shape legend
+    B  batch        T, H, W   frames, height, width of the clip (B, 3, T, H, W)
+    t, h, w         token grid = (T / tubelet, H / patch, W / patch)
+    N = t*h*w       tokens per clip, time-major: index = t_i*h*w + row*w + col (masks use this order)
+    N_ctx, N_tgt    context / target tokens kept by one mask generator
+    D, D_p          encoder width, predictor width;  nh, hd = heads, head dim
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Positions: a fixed 3D sin-cos table (SPEC section 1). No CLS token, nothing learned.
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, dim): all sines first, then all cosines, as in the official code."""
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega  # (dim/2,)
+    angles = pos.double()[:, None] * omega[None, :]  # (M, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)  # (M, dim)
+
+
+def sincos_3d(dim: int, t: int, h: int, w: int) -> torch.Tensor:
+    """(1, t*h*w, dim) table in time-major token order.
+
+    "Uniform power": each axis gets ceil(dim/6)*2 dims, concatenated as [time, height, width] and
+    truncated to dim (ViT-L: 3*342 = 1026 -> last 2 dropped). Computed in float64 like the official numpy.
+    """
+    d_axis = math.ceil(dim / 6) * 2
+    gt, gh, gw = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    parts = [sincos_1d(d_axis, g.flatten()) for g in (gt, gh, gw)]  # 3 x (N, d_axis)
+    return torch.cat(parts, dim=1)[:, :dim].float().unsqueeze(0)  # (1, N, dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Tubelets: a 2x16x16 space-time patch becomes one token (one Conv3d with stride = kernel).
+
+
+class PatchEmbed3D(nn.Module):
+    def __init__(self, dim: int, patch: int, tubelet: int, in_chans: int = 3):
+        super().__init__()
+        kernel = (tubelet, patch, patch)
+        self.proj = nn.Conv3d(in_chans, dim, kernel_size=kernel, stride=kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, t, h, w)
+        return rearrange(x, "b d t h w -> b (t h w) d")  # (B, N, D), time-major
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The transformer block: pre-norm, fused qkv, exact GELU MLP; no dropout, drop-path or layer-scale.
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False):
+        q, k, v = rearrange(self.qkv(x), "b n (three nh hd) -> three b nh n hd", three=3, nh=self.heads)
+        if return_attn:  # explicit path, for looking at the weights (notebooks)
+            attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, N, N)
+            attn = attn.softmax(dim=-1)
+            out = attn @ v  # (B, nh, N, hd)
+        else:  # fast path: fused (flash / memory-efficient) kernel, same function
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
+        out = self.proj(rearrange(out, "b nh n hd -> b n (nh hd)"))  # (B, N, D)
+        return (out, attn) if return_attn else out
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as the official models
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False):
+        if return_attn:
+            y, attn = self.attn(self.norm1(x), return_attn=True)
+            x = x + y
+            return x + self.mlp(self.norm2(x)), attn
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) tokens, (B, K) indices -> (B, K, C): the tokens each sample keeps."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Config and presets. Sizes follow the paper's Table; the predictor is 12 blocks of width 384 with the
+#    encoder's head count (SPEC section 2). Any preset can be rebuilt at another input size with replace().
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    frames: int = 16  # T
+    img_size: int = 224  # H = W
+    patch: int = 16
+    tubelet: int = 2
+    dim: int = 1024  # D
+    depth: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    pred_dim: int = 384  # D_p
+    pred_depth: int = 12
+    num_mask_tokens: int = 2  # one learned mask token per mask generator
+    # LayerNorm eps of the encoder. The official ViT presets (vit_large, vit_huge: the released weights)
+    # pass 1e-6; the official VisionTransformer class built directly falls back to nn.LayerNorm's 1e-5,
+    # which is what the reference small checkpoint in ../shared/reference was made with (measured: with
+    # 1e-5 our outputs match it to 4e-6, with 1e-6 only to 2.4e-5). The predictor always uses 1e-6.
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.frames % self.tubelet or self.img_size % self.patch:
+            raise ValueError(f"frames {self.frames} must divide by tubelet {self.tubelet} and img_size "
+                             f"{self.img_size} by patch {self.patch}")
+        if self.dim % self.heads or self.pred_dim % self.heads:
+            raise ValueError(f"dim {self.dim} and pred_dim {self.pred_dim} must divide by heads {self.heads}")
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (self.frames // self.tubelet, self.img_size // self.patch, self.img_size // self.patch)
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+
+PRESETS: dict[str, ModelConfig] = {
+    #                        T   px  patch  D    depth heads   D_p  pred_depth
+    # tiny: a laptop model, 4x8x8 = 256 tokens; one CPU training step at batch 16 takes ~0.6 s on 2 cores
+    "tiny": ModelConfig(frames=8, img_size=64, patch=8, dim=192, depth=4, heads=4, pred_dim=96, pred_depth=2),
+    "vitb16": ModelConfig(dim=768, depth=12, heads=12),
+    "vitl16": ModelConfig(dim=1024, depth=24, heads=16),
+    "vith16": ModelConfig(dim=1280, depth=32, heads=16),
+    "vith16_384": ModelConfig(img_size=384, dim=1280, depth=32, heads=16),
+}
+
+
+def preset_name(cfg: ModelConfig) -> str:
+    """The preset a config equals (for messages), or 'custom'."""
+    return next((name for name, p in PRESETS.items() if p == cfg), "custom")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Encoder E: tubelets + positions -> keep the given tokens -> blocks -> LayerNorm.
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed3D(cfg.dim, cfg.patch, cfg.tubelet)
+        self.register_buffer("pos_embed", sincos_3d(cfg.dim, *cfg.grid))  # (1, N, D), fixed
+        self.blocks = nn.ModuleList(
+            Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.norm_eps) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def check_clip(self, clip: torch.Tensor):
+        c = self.cfg
+        expected = (3, c.frames, c.img_size, c.img_size)
+        if clip.ndim != 5 or tuple(clip.shape[1:]) != expected:
+            raise ValueError(f"expected a clip of shape (B, {', '.join(map(str, expected))}) for this model "
+                             f"(frames={c.frames}, img_size={c.img_size}), got {tuple(clip.shape)}")
+
+    def tokens(self, clip: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) -> (B, N, D): tubelet tokens with their positions, before any masking."""
+        self.check_clip(clip)
+        return self.patch_embed(clip) + self.pos_embed  # (B, N, D)
+
+    def forward(self, clip: torch.Tensor, keep: torch.Tensor | None = None, return_attn: bool = False,
+                tokens: torch.Tensor | None = None):
+        """Encode the tokens listed in `keep` (B, N_ctx), or all N tokens when keep is None.
+
+        `tokens` lets a caller pass precomputed `self.tokens(clip)` (the context encoder embeds once for
+        both mask generators). With return_attn, also returns each block's (B, nh, N', N') weights.
+        """
+        x = self.tokens(clip) if tokens is None else tokens  # (B, N, D)
+        if keep is not None:
+            check_indices(keep, x.shape[0], x.shape[1], "keep")
+            x = gather_tokens(x, keep)  # (B, N_ctx, D)
+        attns = []
+        for blk in self.blocks:
+            if return_attn:
+                x, a = blk(x, return_attn=True)
+                attns.append(a)
+            else:
+                x = blk(x)
+        x = self.norm(x)  # (B, N', D)
+        return (x, attns) if return_attn else x
+
+
+def check_indices(idx: torch.Tensor, batch: int, n: int, what: str):
+    if idx.dtype != torch.int64 or idx.ndim != 2 or idx.shape[0] != batch:
+        raise ValueError(f"{what} indices must be an int64 tensor of shape (B={batch}, K), "
+                         f"got {idx.dtype} {tuple(idx.shape)}")
+    # One min/max pair: a cheap host sync; skipped inside torch.compile graphs where shapes are traced.
+    if idx.numel() and not torch.compiler.is_compiling():
+        lo, hi = idx.min().item(), idx.max().item()
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{what} indices must lie in [0, {n}) for this model's {n} tokens, "
+                             f"got values in [{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Predictor P: narrow transformer. Context tokens (projected to D_p) and one mask token per target
+#    position, each with the predictor's own sin-cos position, go through the blocks together; the outputs
+#    at the target slots are projected back to D. No sorting is needed: attention is unmasked and the
+#    positions enter additively, so token order does not change the function.
+
+
+class Predictor(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.predictor_embed = nn.Linear(cfg.dim, cfg.pred_dim)
+        self.register_buffer("predictor_pos_embed", sincos_3d(cfg.pred_dim, *cfg.grid))  # (1, N, D_p)
+        self.mask_tokens = nn.ParameterList(
+            nn.Parameter(torch.zeros(1, 1, cfg.pred_dim)) for _ in range(cfg.num_mask_tokens))
+        self.predictor_blocks = nn.ModuleList(
+            Block(cfg.pred_dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.pred_depth))
+        self.predictor_norm = nn.LayerNorm(cfg.pred_dim, eps=1e-6)
+        self.predictor_proj = nn.Linear(cfg.pred_dim, cfg.dim)
+
+    def forward(self, z: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor, mask_index: int = 0,
+                return_attn: bool = False):
+        """z (B, N_ctx, D) context features at indices ctx (B, N_ctx) -> predictions (B, N_tgt, D) at tgt."""
+        B, n_ctx = ctx.shape
+        check_indices(tgt, B, self.cfg.num_tokens, "target")
+        pos = self.predictor_pos_embed.expand(B, -1, -1)  # (B, N, D_p)
+        x = self.predictor_embed(z) + gather_tokens(pos, ctx)  # (B, N_ctx, D_p)
+        m = self.mask_tokens[mask_index] + gather_tokens(pos, tgt)  # (B, N_tgt, D_p)
+        x = torch.cat([x, m.to(x.dtype)], dim=1)  # (B, N_ctx + N_tgt, D_p)
+        attns = []
+        for blk in self.predictor_blocks:
+            if return_attn:
+                x, a = blk(x, return_attn=True)
+                attns.append(a)
+            else:
+                x = blk(x)
+        x = self.predictor_proj(self.predictor_norm(x[:, n_ctx:]))  # (B, N_tgt, D)
+        return (x, attns) if return_attn else x
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Initialisation. Choice (SPEC section 2): we follow what the official *trainer* effectively runs, since
+#    that produced the published numbers and released weights: every Linear ~ N(0, 0.02) truncated at +-2
+#    (absolute, so practically untruncated), biases 0, LayerNorm 1/0, Conv3d trunc-normal 0.02, mask
+#    tokens 0. The official model code's extra 1/sqrt(2*layer_id) rescaling of attn.proj and mlp.fc2 is
+#    undone by that trainer's re-initialisation, so we do not apply it (V-JEPA 2 kept it).
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module):
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv3d)):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for p in getattr(module, "mask_tokens", []):
+        nn.init.zeros_(p)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. V-JEPA: targets from the EMA encoder on the full clip, context per mask generator, prediction, L1.
+
+
+class VJEPA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.predictor = Predictor(cfg)
+        init_weights(self.encoder)
+        init_weights(self.predictor)
+        self.target_encoder = Encoder(cfg)
+        self.target_encoder.load_state_dict(self.encoder.state_dict())  # E_bar starts equal to E
+        self.target_encoder.requires_grad_(False)  # no gradient ever reaches the target encoder
+
+    def forward(self, clip: torch.Tensor, masks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """clip (B, 3, T, H, W); masks: one (context (B, N_ctx), target (B, N_tgt)) index pair per generator.
+
+        Returns {"loss": scalar, "loss_per_mask": (G,), "pred_std", "target_std"} (tensors, no host sync).
+        """
+        D = self.cfg.dim
+        # 1. Targets: E_bar on the FULL clip, sg(.), then layer-norm over features (no affine).
+        with torch.no_grad():
+            h = self.target_encoder(clip)  # (B, N, D)
+            h = F.layer_norm(h, (D,))  # (B, N, D)
+        tokens = self.encoder.tokens(clip)  # (B, N, D), embedded once, shared by the generators
+        losses, preds = [], []
+        for i, (ctx, tgt) in enumerate(masks):  # one pass per mask generator (short-, long-range)
+            # 2. Context: E_theta sees only the context tokens of this generator.
+            z = self.encoder(clip, keep=ctx, tokens=tokens)  # (B, N_ctx, D)
+            # 3. Prediction: P_phi fills mask token i at the target positions.
+            p = self.predictor(z, ctx, tgt, mask_index=i)  # (B, N_tgt, D)
+            # 4. L1 between prediction and target features at the target tokens.
+            y = gather_tokens(h, tgt)  # (B, N_tgt, D)
+            losses.append((p.float() - y.float()).abs().mean())
+            preds.append(p.detach())
+        losses = torch.stack(losses)  # (G,)
+        return {
+            "loss": losses.mean(),
+            "loss_per_mask": losses.detach(),
+            # collapse monitor: spread of predictions across tokens vs that of the (unit-variance) targets
+            "pred_std": torch.stack([p.float().std(dim=1).mean() for p in preds]).mean(),
+        }
+
+    @torch.no_grad()
+    def update_target(self, momentum: float):
+        """EMA of the context encoder: theta_bar <- m * theta_bar + (1 - m) * theta (SPEC section 4).
+
+        One fused multi-tensor op per line instead of a Python loop over ~300 parameters.
+        """
+        tgt = list(self.target_encoder.parameters())
+        src = list(self.encoder.parameters())
+        torch._foreach_mul_(tgt, momentum)
+        torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
+
+    def num_params(self) -> dict[str, int]:
+        """Trainable parameters, as the paper counts them (the fixed position tables are buffers)."""
+        return {"encoder": sum(p.numel() for p in self.encoder.parameters()),
+                "predictor": sum(p.numel() for p in self.predictor.parameters())}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Official checkpoints. Our attribute names are the official ones, so loading is a prefix strip and a
+#    strict load. weights_only=True: a checkpoint from the internet cannot run code when it is loaded.
+
+OFFICIAL_PREFIX = "module.backbone."
+
+
+def strip_prefix(state: dict, prefix: str = OFFICIAL_PREFIX) -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def load_strict(module: nn.Module, state: dict, what: str, cfg: ModelConfig):
+    """load_state_dict(strict=True), but a mismatch names the preset, the key and both shapes."""
+    own = module.state_dict()
+    name = preset_name(cfg)
+    for k, v in own.items():
+        if k in state and tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{what} does not fit preset '{name}': first mismatching key '{k}' has shape "
+                             f"{tuple(state[k].shape)} in the checkpoint but {tuple(v.shape)} in the model")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{what} does not fit preset '{name}' (a different depth?): missing keys "
+                         f"{missing[:3]}, unexpected keys {unexpected[:3]}")
+    module.load_state_dict(state, strict=True)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # re-raised with the path: a truncated download or a non-torch file
+        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+
+
+def load_official(path: str | Path, cfg: ModelConfig | str) -> VJEPA:
+    """Build a VJEPA for `cfg` (a ModelConfig or a preset name) and fill it from an official pretraining
+    checkpoint {"encoder", "predictor", "target_encoder", ...} with keys prefixed 'module.backbone.'."""
+    cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+    ckpt = read_checkpoint(path)
+    parts = ("encoder", "predictor", "target_encoder")
+    if not isinstance(ckpt, dict) or not all(p in ckpt for p in parts):
+        found = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a V-JEPA pretraining checkpoint: expected keys {parts}, "
+                         f"found {found}")
+    model = VJEPA(cfg)
+    for part in parts:
+        load_strict(getattr(model, part), strip_prefix(ckpt[part]), f"{path} [{part}]", cfg)
+    return model
+
+
+def load_target_encoder(path: str | Path, cfg: ModelConfig | str | None = None) -> Encoder:
+    """The frozen-evaluation backbone (SPEC section 4: downstream uses the target encoder's weights).
+
+    Reads this project's training checkpoints (self-describing: the config is inside, `cfg` may be None)
+    and official pretraining checkpoints (`cfg` names the preset they were trained with).
+    """
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and "model_config" in ckpt and "model" in ckpt:  # ours (train.py)
+        own = ModelConfig(**ckpt["model_config"])
+        if cfg is not None:
+            want = PRESETS[cfg] if isinstance(cfg, str) else cfg
+            if want != own:
+                raise ValueError(f"{path} holds a '{preset_name(own)}' model ({own}), not the requested "
+                                 f"'{preset_name(want)}'")
+        enc = Encoder(own)
+        state = {k.removeprefix("target_encoder."): v for k, v in ckpt["model"].items()
+                 if k.startswith("target_encoder.")}
+        load_strict(enc, state, f"{path} [target_encoder]", own)
+        return enc.eval().requires_grad_(False)
+    if isinstance(ckpt, dict) and "target_encoder" in ckpt:  # official
+        if cfg is None:
+            raise ValueError(f"{path} is an official checkpoint: name its preset (e.g. 'vitl16', 'vith16')")
+        cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+        enc = Encoder(cfg)
+        load_strict(enc, strip_prefix(ckpt["target_encoder"]), f"{path} [target_encoder]", cfg)
+        return enc.eval().requires_grad_(False)
+    found = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+    raise ValueError(f"{path} is not a V-JEPA checkpoint (neither this project's nor an official pretraining "
+                     f"one): found keys {found}")
