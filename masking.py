@@ -143,19 +143,22 @@ class RandomTubeMasker:
 class MaskCollator:
     """DataLoader collate_fn that stacks samples and draws the step's masks inside the worker.
 
-    Samples are (clip, label, step) tuples: the sampler tells each sample which step it belongs to
-    (see data.StepSampler), so masks depend on (seed, step, rank) only, never on worker scheduling.
-    Returns (clips (B, 3, T, H, W), labels (B,), masks, step).
+    Samples are (clip, label, step, bad) tuples: the sampler tells each sample which step it belongs to
+    (see data.StepSampler), so masks depend on (seed, step, rank) only, never on worker scheduling;
+    `bad` counts unreadable videos skipped to produce the sample.
+    Returns {"clips": (B, 3, T, H, W), "labels": (B,), "masks": [(ctx, tgt), ...], "step": int, "bad": int}.
     """
 
     def __init__(self, masker, rank: int = 0):
         self.masker, self.rank = masker, rank
 
-    def __call__(self, samples):
-        clips = torch.stack([s[0] for s in samples])  # (B, 3, T, H, W)
-        labels = torch.as_tensor([s[1] for s in samples])  # (B,)
+    def __call__(self, samples) -> dict:
         steps = {s[2] for s in samples}
         if len(steps) != 1:
             raise ValueError(f"a batch must come from one step, got steps {sorted(steps)}")
         step = steps.pop()
-        return clips, labels, self.masker(len(samples), step, self.rank), step
+        return {"clips": torch.stack([s[0] for s in samples]),  # (B, 3, T, H, W)
+                "labels": torch.as_tensor([s[1] for s in samples]),  # (B,)
+                "masks": self.masker(len(samples), step, self.rank),
+                "step": step,
+                "bad": sum(s[3] for s in samples)}

@@ -101,9 +101,10 @@ def test_random_tube():
 
 def test_collator_stacks_and_uses_the_step():
     masker = MultiBlockMasker((4, 8, 8), seed=0)
-    samples = [(torch.randn(3, 8, 64, 64), i, 12) for i in range(3)]
-    clips, labels, masks, step = MaskCollator(masker)(samples)
-    assert clips.shape == (3, 3, 8, 64, 64) and labels.tolist() == [0, 1, 2] and step == 12
-    assert torch.equal(masks[0][0], masker(3, 12)[0][0])
+    samples = [(torch.randn(3, 8, 64, 64), i, 12, i % 2) for i in range(3)]
+    batch = MaskCollator(masker)(samples)
+    assert batch["clips"].shape == (3, 3, 8, 64, 64) and batch["labels"].tolist() == [0, 1, 2]
+    assert batch["step"] == 12 and batch["bad"] == 1
+    assert torch.equal(batch["masks"][0][0], masker(3, 12)[0][0])
     with pytest.raises(ValueError, match="one step"):
-        MaskCollator(masker)([(torch.zeros(1), 0, 1), (torch.zeros(1), 0, 2)])
+        MaskCollator(masker)([(torch.zeros(1), 0, 1, 0), (torch.zeros(1), 0, 2, 0)])
