@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Positions: a fixed 3D sin-cos table (SPEC section 1). No CLS token, nothing learned.
@@ -150,8 +151,14 @@ class ModelConfig:
     # which is what the reference small checkpoint in ../shared/reference was made with (measured: with
     # 1e-5 our outputs match it to 4e-6, with 1e-6 only to 2.4e-5). The predictor always uses 1e-6.
     norm_eps: float = 1e-6
+    # What the predictor regresses. "features": V-JEPA (L1 to the EMA encoder's layer-normed features).
+    # "pixels": the paper's baseline (section 4.1), MSE to the per-tubelet normalised pixels of the targets,
+    # with the same masks, encoder and predictor (only predictor_proj's output width changes).
+    target: str = "features"
 
     def __post_init__(self):
+        if self.target not in ("features", "pixels"):
+            raise ValueError(f"target must be 'features' or 'pixels', got {self.target!r}")
         if self.frames % self.tubelet or self.img_size % self.patch:
             raise ValueError(f"frames {self.frames} must divide by tubelet {self.tubelet} and img_size "
                              f"{self.img_size} by patch {self.patch}")
@@ -161,6 +168,10 @@ class ModelConfig:
     @property
     def grid(self) -> tuple[int, int, int]:
         return (self.frames // self.tubelet, self.img_size // self.patch, self.img_size // self.patch)
+
+    @property
+    def pixels_per_token(self) -> int:
+        return 3 * self.tubelet * self.patch * self.patch
 
     @property
     def num_tokens(self) -> int:
@@ -197,6 +208,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.norm_eps) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.grad_checkpointing = False  # recompute block activations in backward (train.py --checkpoint-act)
 
     def check_clip(self, clip: torch.Tensor):
         c = self.cfg
@@ -226,6 +238,8 @@ class Encoder(nn.Module):
             if return_attn:
                 x, a = blk(x, return_attn=True)
                 attns.append(a)
+            elif self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)  # trade ~1/3 more compute for activation memory
             else:
                 x = blk(x)
         x = self.norm(x)  # (B, N', D)
@@ -236,8 +250,9 @@ def check_indices(idx: torch.Tensor, batch: int, n: int, what: str):
     if idx.dtype != torch.int64 or idx.ndim != 2 or idx.shape[0] != batch:
         raise ValueError(f"{what} indices must be an int64 tensor of shape (B={batch}, K), "
                          f"got {idx.dtype} {tuple(idx.shape)}")
-    # One min/max pair: a cheap host sync; skipped inside torch.compile graphs where shapes are traced.
-    if idx.numel() and not torch.compiler.is_compiling():
+    # Values are checked on CPU tensors only: on a GPU the check would cost a host sync per call (train.py
+    # moves masks to the GPU; masking.py makes them in range by construction).
+    if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
         lo, hi = idx.min().item(), idx.max().item()
         if lo < 0 or hi >= n:
             raise ValueError(f"{what} indices must lie in [0, {n}) for this model's {n} tokens, "
@@ -262,7 +277,8 @@ class Predictor(nn.Module):
         self.predictor_blocks = nn.ModuleList(
             Block(cfg.pred_dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.pred_depth))
         self.predictor_norm = nn.LayerNorm(cfg.pred_dim, eps=1e-6)
-        self.predictor_proj = nn.Linear(cfg.pred_dim, cfg.dim)
+        out = cfg.dim if cfg.target == "features" else cfg.pixels_per_token
+        self.predictor_proj = nn.Linear(cfg.pred_dim, out)
 
     def forward(self, z: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor, mask_index: int = 0,
                 return_attn: bool = False):
@@ -324,13 +340,16 @@ class VJEPA(nn.Module):
     def forward(self, clip: torch.Tensor, masks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """clip (B, 3, T, H, W); masks: one (context (B, N_ctx), target (B, N_tgt)) index pair per generator.
 
-        Returns {"loss": scalar, "loss_per_mask": (G,), "pred_std", "target_std"} (tensors, no host sync).
+        Returns {"loss": scalar, "loss_per_mask": (G,), "pred_std": scalar} as tensors (no host sync).
         """
-        D = self.cfg.dim
-        # 1. Targets: E_bar on the FULL clip, sg(.), then layer-norm over features (no affine).
+        # 1. Targets for every token: E_bar on the FULL clip under sg(.), layer-normed over features
+        #    (no affine); or, for the pixel baseline, each tubelet's pixels normalised by their own mean/std.
         with torch.no_grad():
-            h = self.target_encoder(clip)  # (B, N, D)
-            h = F.layer_norm(h, (D,))  # (B, N, D)
+            if self.cfg.target == "features":
+                h = self.target_encoder(clip)  # (B, N, D)
+                h = F.layer_norm(h, (h.shape[-1],))  # (B, N, D)
+            else:
+                h = self.tubelet_pixels(clip)  # (B, N, 3*tubelet*patch^2)
         tokens = self.encoder.tokens(clip)  # (B, N, D), embedded once, shared by the generators
         losses, preds = [], []
         for i, (ctx, tgt) in enumerate(masks):  # one pass per mask generator (short-, long-range)
@@ -338,17 +357,25 @@ class VJEPA(nn.Module):
             z = self.encoder(clip, keep=ctx, tokens=tokens)  # (B, N_ctx, D)
             # 3. Prediction: P_phi fills mask token i at the target positions.
             p = self.predictor(z, ctx, tgt, mask_index=i)  # (B, N_tgt, D)
-            # 4. L1 between prediction and target features at the target tokens.
-            y = gather_tokens(h, tgt)  # (B, N_tgt, D)
-            losses.append((p.float() - y.float()).abs().mean())
+            # 4. Regression at the target tokens: L1 for features (paper eq. 1), MSE for pixels.
+            err = p.float() - gather_tokens(h, tgt).float()  # (B, N_tgt, D)
+            losses.append(err.abs().mean() if self.cfg.target == "features" else err.pow(2).mean())
             preds.append(p.detach())
         losses = torch.stack(losses)  # (G,)
         return {
             "loss": losses.mean(),
             "loss_per_mask": losses.detach(),
-            # collapse monitor: spread of predictions across tokens vs that of the (unit-variance) targets
+            # collapse monitor: spread of predictions across tokens (targets have unit spread per token)
             "pred_std": torch.stack([p.float().std(dim=1).mean() for p in preds]).mean(),
         }
+
+    def tubelet_pixels(self, clip: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) -> (B, N, 3*tubelet*patch^2): each token's pixels, normalised per token (as MAE's
+        norm_pix_loss), in the token order of PatchEmbed3D."""
+        c = self.cfg
+        x = rearrange(clip, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)",
+                      pt=c.tubelet, ph=c.patch, pw=c.patch)  # (B, N, P)
+        return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()  # (B, N, P)
 
     @torch.no_grad()
     def update_target(self, momentum: float):

@@ -186,3 +186,22 @@ def test_bad_clip_and_indices_raise_clear_errors():
     ctx = torch.tensor([[0, 1]])
     with pytest.raises(ValueError, match=r"target indices must lie in \[0, 256\)"):
         model(clip, [(ctx, torch.tensor([[-1, 5]]))])
+
+
+def test_pixel_target_is_mse_to_normalised_tubelets():
+    cfg = replace(PRESETS["tiny"], depth=1, pred_depth=1, target="pixels")
+    torch.manual_seed(0)
+    model = VJEPA(cfg)
+    assert model.predictor.predictor_proj.out_features == 3 * 2 * 8 * 8
+    clip = torch.randn(2, 3, cfg.frames, cfg.img_size, cfg.img_size)
+    masks = MultiBlockMasker(cfg.grid)(2, step=0)
+    pix = model.tubelet_pixels(clip)
+    # token 1 is tubelet (t=0, row=0, col=1): frames 0-1, rows 0-7, columns 8-15
+    patch = clip[0, :, 0:2, 0:8, 8:16].flatten()
+    torch.testing.assert_close(pix[0, 1], (patch - patch.mean()) / (patch.var() + 1e-6).sqrt())
+    with torch.no_grad():
+        out = model(clip, masks)
+        expected = torch.stack([
+            (model.predictor(model.encoder(clip, keep=c), c, t, i) - vjepa.gather_tokens(pix, t)).pow(2).mean()
+            for i, (c, t) in enumerate(masks)]).mean()
+    torch.testing.assert_close(out["loss"], expected)
