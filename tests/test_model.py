@@ -201,7 +201,7 @@ def test_pixel_target_is_mse_to_normalised_tubelets():
     torch.testing.assert_close(pix[0, 1], (patch - patch.mean()) / (patch.var() + 1e-6).sqrt())
     with torch.no_grad():
         out = model(clip, masks)
-        expected = torch.stack([
-            (model.predictor(model.encoder(clip, keep=c), c, t, i) - vjepa.gather_tokens(pix, t)).pow(2).mean()
-            for i, (c, t) in enumerate(masks)]).mean()
+        errs = [model.predictor(model.encoder(clip, keep=c), c, t, i) - vjepa.gather_tokens(pix, t)
+                for i, (c, t) in enumerate(masks)]
+        expected = torch.stack([e.pow(2).mean() for e in errs]).mean()
     torch.testing.assert_close(out["loss"], expected)
