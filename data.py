@@ -1,0 +1,487 @@
+"""Data for V-JEPA: a built-in synthetic video dataset, real video and images, and the training stream.
+
+    SyntheticVideos    procedural clips with an appearance and a motion label; no download
+    VideoList          real video from a list file in the official format (`path label` per line)
+    ImageFolder        root/<class>/<image>, each image repeated along time (the official image evaluation)
+    StepSampler        the dataset indices of every step: a pure function of (seed, step, rank)
+    TrainStream        the augmented training view of (step, index); skips unreadable videos
+    make_train_loader  the DataLoader train.py iterates; each batch is masking.MaskCollator's dict
+
+Frame sampling and augmentation follow SPEC section 6 (read off the official code). Every clip is float32
+(3, T, H, W), normalised with the ImageNet mean and std. Bad input raises DataError naming the file.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from masking import MaskCollator, rng_for
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VIDEO_CROP = ((0.3, 1.0), (0.75, 1.35))  # (area scale, aspect ratio) of the pretraining crop, SPEC section 6
+IMAGE_CROP = ((0.08, 1.0), (3 / 4, 4 / 3))  # the usual ImageNet random-resized-crop, for image probes
+AUGMENT_STREAM, RETRY_STREAM, SAMPLER_STREAM = 7, 8, 9  # rng_for streams (the mask generators use 0, 1)
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file (and the line, for list files)."""
+
+
+def normalise(clip: torch.Tensor) -> torch.Tensor:
+    """(3, T, H, W) in [0, 1] -> ImageNet-normalised float32."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    return ((clip - mean) / std).float()
+
+
+# Decoded frames stay uint8 (T, 3, H, W), channels-last in memory, until the last step: interpolate's
+# antialiased uint8 path is about 8x faster than float on CPU, and the rounding costs at most 1/255.
+
+
+def to_frames(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 array -> (T, 3, H, W) uint8 tensor, a view."""
+    return torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, 3, H, W)
+
+
+def to_clip(frames: torch.Tensor) -> torch.Tensor:
+    """(T, 3, H, W) uint8 -> (3, T, H, W) normalised float32: a model input."""
+    return normalise(frames.transpose(0, 1).float() / 255)  # (3, T, H, W)
+
+
+def resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, antialiased (nearly every resize here shrinks): (T, 3, H, W) -> (T, 3, *size)."""
+    return F.interpolate(frames, size=size, mode="bilinear", antialias=True)
+
+
+def short_side_resize(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (T, 3, H, W) so that the shorter side is `size`, keeping the aspect ratio."""
+    h, w = frames.shape[2:]
+    return resize(frames, (size, round(w * size / h)) if h <= w else (round(h * size / w), size))
+
+
+def random_crop_box(h: int, w: int, rng: np.random.Generator, scale, ratio) -> tuple[int, int, int, int]:
+    """(top, left, height, width): area ~ U(scale) of the frame, aspect w/h log-uniform in `ratio`; after
+    10 boxes that do not fit, the largest centred box with an aspect inside `ratio`."""
+    for _ in range(10):
+        area, aspect = h * w * rng.uniform(*scale), math.exp(rng.uniform(*np.log(ratio)))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    aspect = min(max(w / h, ratio[0]), ratio[1])
+    ch, cw = min(h, round(w / aspect)), min(w, round(h * aspect))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def augment(frames: torch.Tensor, size: int, rng: np.random.Generator, crop=VIDEO_CROP) -> torch.Tensor:
+    """Training view of uint8 (T, 3, H, W) frames: one random-resized-crop box for every frame, resized to
+    size x size, a horizontal flip with p=0.5 -> (3, T, size, size) normalised."""
+    top, left, ch, cw = random_crop_box(*frames.shape[2:], rng, *crop)
+    frames = resize(frames[:, :, top:top + ch, left:left + cw], (size, size))  # (T, 3, size, size)
+    return to_clip(frames.flip(3) if rng.random() < 0.5 else frames)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic videos. Everything lives on a torus (positions wrap around the frame edges), so an object that
+# starts uniformly anywhere is uniformly anywhere in every frame, whatever its motion.
+
+SHAPES = ("square", "triangle", "cross", "half-disc")  # none is round, so a rotation is visible
+TEXTURES = ("solid", "striped")
+APPEARANCES = tuple(f"{t} {s}" for s in SHAPES for t in TEXTURES)  # class = 2 * shape + texture
+MOTIONS = ("right", "left", "down", "up", "clockwise", "anticlockwise", "sway left-right", "sway up-down")
+MIRRORED_MOTION = (1, 0, 2, 3, 5, 4, 6, 7)  # the motion class of a horizontally flipped clip
+
+
+class SyntheticVideos(torch.utils.data.Dataset):
+    """Built-in procedural video dataset, no download; deterministic from (seed, index).
+
+    One main object, a hard-edged flat shape with a random colour and size (radius 12-22% of the frame),
+    moves over clutter. Two labels per clip:
+      appearance (8) = shape (square, triangle, cross, half-disc) x texture (solid, or dark stripes fixed
+        to the object). Readable from any single frame.
+      motion (8) = translate right / left / down / up, rotate clockwise / anticlockwise, or sway left-right /
+        up-down (a sine of period 4-8 frames: it turns back within 8 frames); speeds are random. Not
+        readable from one frame: the scene's random numbers are drawn the same way whatever the classes, so
+        frame 0 does not depend on the motion at all; and as start position and angle are uniform on the
+        torus and the circle, every other frame has the same distribution under every motion too.
+      clutter, irrelevant to both labels and unpredictable in pixels: a smooth random background texture
+        drifting in a random direction, 3-6 soft blobs with their own colour, size and velocity, and
+        fresh per-pixel noise in every frame.
+    Labels: every aligned block of 64 indices holds each (appearance, motion) pair once, in a seeded order,
+    so both labels are balanced and independent of each other.
+    """
+    LABELS = ("appearance", "motion")
+
+    def __init__(self, size: int, frames: int = 8, img_size: int = 64, seed: int = 0,
+                 label: str = "appearance"):
+        if label not in self.LABELS:
+            raise ValueError(f"label must be one of {self.LABELS}, got {label!r}")
+        self.size, self.frames, self.img_size, self.seed, self.label = size, frames, img_size, seed, label
+        self.num_classes = {"appearance": len(APPEARANCES), "motion": len(MOTIONS)}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def labels(self, index: int) -> tuple[int, int]:
+        """(appearance, motion) of clip `index`."""
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} clips")
+        pairs = len(APPEARANCES) * len(MOTIONS)
+        pair = np.random.default_rng([self.seed, index // pairs, 1]).permutation(pairs)[index % pairs]
+        return divmod(int(pair), len(MOTIONS))
+
+    def render(self, index: int, appearance: int, motion: int) -> np.ndarray:
+        """(3, T, H, W) float32 in [0, 1]: the scene of `index` (all its random draws) with these classes."""
+        T, S = self.frames, self.img_size
+        rng = np.random.default_rng([self.seed, index, 0])
+        t, grid = np.arange(T, dtype=np.float32), np.arange(S, dtype=np.float32)
+
+        def offsets(cy, cx):  # (..., T) centres -> (..., T, S, 1), (..., T, 1, S) signed offsets on the torus
+            dy, dx = [(grid - np.float32(c)[..., None] + S / 2) % S - S / 2 for c in (cy, cx)]  # (..., T, S)
+            return dy[..., :, None], dx[..., None, :]
+
+        # background: periodic low-pass noise between two colours, drifting by whole pixels
+        ky, kx = np.fft.fftfreq(S)[:, None], np.fft.rfftfreq(S)[None, :]  # (S, 1), (1, S//2+1)
+        lowpass = (1 + (ky**2 + kx**2) * (S / rng.uniform(3, 8)) ** 2) ** -1.5
+        g = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((S, S))) * lowpass, s=(S, S))  # (S, S)
+        g = np.tile(((g - g.min()) / np.ptp(g)).astype(np.float32), (2, 2))  # (2S, 2S), periodic
+        shifts = np.round(rng.uniform(-0.04, 0.04, size=(2, 1)) * S * t).astype(int) % S  # (2, T)
+        g = np.stack([g[dy:dy + S, dx:dx + S] for dy, dx in shifts.T])  # (T, S, S)
+        c0, c1 = rng.uniform(0.15, 0.85, size=(2, 3, 1, 1, 1)).astype(np.float32)
+        img = c0 + (c1 - c0) * g  # (3, T, S, S)
+        # distractors: soft blobs behind the object
+        k = rng.integers(3, 7)
+        start, velocity = rng.uniform(0, S, size=(2, k, 1)), rng.uniform(-0.05, 0.05, size=(2, k, 1)) * S
+        two_var = np.float32(2 * (rng.uniform(0.03, 0.08, size=(k, 1, 1, 1)) * S) ** 2)
+        dy, dx = offsets(*(start + velocity * t))  # (k, T, S, 1), (k, T, 1, S)
+        alpha = rng.uniform(0.5, 0.9, size=(k, 1, 1, 1)).astype(np.float32)
+        alpha = alpha * np.exp(-dy**2 / two_var) * np.exp(-dx**2 / two_var)  # (k, T, S, S), separable
+        for a, colour in zip(alpha, rng.uniform(0, 1, size=(k, 3, 1, 1, 1)).astype(np.float32)):
+            img += a * (colour - img)  # (3, T, S, S), "over" compositing
+        # the object: its frame-0 state, then the parameters of every motion, whichever one it has
+        y0, x0, angle0 = rng.uniform(0, S), rng.uniform(0, S), rng.uniform(0, 2 * np.pi)
+        radius = rng.uniform(0.12, 0.22) * S
+        colour = np.float32(0.5 + 0.45 * np.cos(2 * np.pi * (rng.uniform() + np.arange(3) / 3)))  # any hue
+        speed, spin = rng.uniform(0.02, 0.05) * S, rng.uniform(0.15, 0.35)  # px / frame, radians / frame
+        amplitude, period, phase = rng.uniform(0.08, 0.15) * S, rng.uniform(4, 8), rng.uniform(0, 2 * np.pi)
+        sway = amplitude * (np.sin(2 * np.pi * t / period + phase) - np.sin(phase))  # 0 at t = 0
+        y, x, angle = np.full(T, y0), np.full(T, x0), np.full(T, angle0)
+        y, x, angle = [(y, x + speed * t, angle), (y, x - speed * t, angle), (y + speed * t, x, angle),
+                       (y - speed * t, x, angle), (y, x, angle + spin * t), (y, x, angle - spin * t),
+                       (y, x + sway, angle), (y + sway, x, angle)][motion]  # y is down: +angle is clockwise
+        dy, dx = offsets(y, x)  # (T, S, 1), (T, 1, S)
+        cos, sin = [np.float32(f(angle) / radius)[:, None, None] for f in (np.cos, np.sin)]  # (T, 1, 1)
+        u, v = cos * dx + sin * dy, cos * dy - sin * dx  # (T, S, S) object coordinates, radius 1
+        shape, texture = divmod(appearance, len(TEXTURES))
+        inside = [np.maximum(abs(u), abs(v)) <= 0.8,
+                  (v <= 0.5) & (v >= np.sqrt(3) * abs(u) - 1),  # equilateral, centroid at the centre
+                  (np.minimum(abs(u), abs(v)) <= 0.3) & (np.maximum(abs(u), abs(v)) <= 0.95),
+                  (u**2 + (v + 0.42) ** 2 <= 1) & (v >= -0.42)][shape]  # centroid 4/(3 pi) off the flat side
+        np.copyto(img, colour[:, None, None, None], where=inside)
+        if texture == 1:  # dark bands 0.4 radius wide, across the object's u axis
+            dark = inside & ((u * 2.5 + 10).astype(int) % 2 == 1)
+            np.copyto(img, 0.3 * colour[:, None, None, None], where=dark)
+        # uniform noise shared by the channels: as unpredictable as Gaussian noise, and cheaper
+        img += np.float32(rng.uniform(0.05, 0.25)) * (rng.random((T, S, S), dtype=np.float32) - 0.5)
+        return np.clip(img, 0, 1, out=img)
+
+    def sample(self, index: int) -> tuple[torch.Tensor, dict[str, int]]:
+        """(3, T, H, W) normalised clip, {"appearance": a, "motion": m}."""
+        appearance, motion = self.labels(index)
+        clip = normalise(torch.from_numpy(self.render(index, appearance, motion)))
+        return clip, {"appearance": appearance, "motion": motion}
+
+    def load(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+        """Training view: a horizontal flip with p=0.5. A flip turns right into left and clockwise into
+        anticlockwise, so the motion label follows it; every appearance class is mirror-symmetric."""
+        clip, labels = self.sample(index)
+        if rng.random() < 0.5:
+            clip, labels["motion"] = clip.flip(3), MIRRORED_MOTION[labels["motion"]]
+        return clip, labels[self.label]
+
+    def __getitem__(self, index) -> tuple[torch.Tensor, int]:
+        clip, labels = self.sample(index)
+        return clip, labels[self.label]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real video: PyAV decoding of just the frames a clip needs.
+
+
+def window_indices(n: int, start: int, frames: int, frame_step: int) -> np.ndarray:
+    """(frames,) indices in a window of frames * frame_step frames from `start`, by linspace as the official
+    loader (16 x 4: stride 64/15 = 4.27). Past the end of a short video, the last frame repeats."""
+    end = start + frames * frame_step
+    return np.linspace(start, end, frames).clip(max=end - 1).astype(np.int64).clip(max=n - 1)
+
+
+def decode(path: Path, where: str, pick) -> np.ndarray:
+    """uint8 (*shape, H, W, 3): the frames pick(n) -> int array of `shape` of a video with n frames.
+
+    Seeks to the keyframe before the first frame needed and stops after the last, so a clip costs about
+    its window (plus part of a GOP) of decoding. Frames are located by timestamp; an index the stream never
+    reaches (a header that overstates the length) gets the last frame, like the padding of short videos.
+    """
+    if not path.is_file():
+        raise DataError(f"{where}: video file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{where}: empty file (0 bytes)")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"{where}: no video stream (streams: {[s.type for s in container.streams]})")
+            stream = container.streams.video[0]
+            if not (stream.average_rate or stream.guessed_rate):
+                raise DataError(f"{where}: unknown frame rate, cannot locate frames")
+            n = stream.frames or sum(p.size > 0 for p in container.demux(stream))  # else count packets
+            idx = pick(n)
+            got = seek_and_decode(container, stream, np.unique(idx), where)
+            arrays = {id(f): f.to_ndarray(format="rgb24") for f in got.values()}  # each distinct frame once
+    except av.FFmpegError as e:
+        raise DataError(f"{where}: cannot decode ({e})") from e
+    out = np.stack([arrays[id(got[i])] for i in idx.ravel()])  # (K, H, W, 3)
+    return out.reshape(*idx.shape, *out.shape[1:])  # (*shape, H, W, 3)
+
+
+def seek_and_decode(container, stream, wanted: np.ndarray, where: str) -> dict:
+    """{i: frame} for sorted frame indices `wanted`; frame i has timestamp start + i / rate."""
+    rate, base, origin = stream.average_rate or stream.guessed_rate, stream.time_base, stream.start_time or 0
+
+    def scan(first: int) -> dict | None:  # decoding from the keyframe at or before frame `first`
+        container.seek(origin + int(first / rate / base), stream=stream)
+        got, prev, j = {}, None, 0
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                raise DataError(f"{where}: a frame without a timestamp, cannot locate frames")
+            i = round((frame.pts - origin) * base * rate)
+            if prev is None and i > first > 0:
+                return None  # the seek overshot (an inaccurate index)
+            while j < len(wanted) and wanted[j] <= i:  # (a gap in the timestamps gets what was on screen)
+                got[int(wanted[j])], j = frame if wanted[j] == i or prev is None else prev, j + 1
+            if j == len(wanted):
+                return got
+            prev = frame
+        if prev is None:
+            raise DataError(f"{where}: no frame could be decoded")
+        return got | {int(w): prev for w in wanted[j:]}  # past the end: repeat the last frame
+
+    got = scan(int(wanted[0]))
+    return got if got is not None else scan(0)
+
+
+class VideoList(torch.utils.data.Dataset):
+    """Real video from a list file in the official format: one `path label` per line, space-separated, no
+    header (also a CSV with a header line `path,label`). Relative paths resolve against the list file's
+    folder. Videos are checked when loaded, not listed, so a 2M-line list opens at once.
+
+    A clip is `frames` frames from a window of frames * frame_step. Training view (load): a random window,
+    one random-resized-crop box, a flip with p=0.5. Evaluation (train=False, eval_views): centred windows,
+    the short side resized to img_size, then centre (or left/centre/right) crops.
+    """
+
+    def __init__(self, list_path, frames: int = 16, frame_step: int = 4, img_size: int = 224,
+                 train: bool = True):
+        self.list_path, self.frames, self.frame_step = Path(list_path), frames, frame_step
+        self.img_size, self.train = img_size, train
+        if not self.list_path.is_file():
+            raise DataError(f"{self.list_path}: list file not found")
+        lines = self.list_path.read_text().splitlines()
+        header = bool(lines) and lines[0].strip().lower() == "path,label"
+        rows = csv.reader(lines[1:]) if header else (line.rsplit(maxsplit=1) for line in lines)
+        self.items, self.line_numbers = [], []
+        for number, (line, fields) in enumerate(zip(lines[header:], rows), start=1 + header):
+            if not line.strip():
+                continue
+            if len(fields) != 2:
+                raise DataError(f"{self.list_path}:{number}: expected 'path label', got {line!r}")
+            if not fields[1].strip().isdigit():
+                raise DataError(f"{self.list_path}:{number}: the label must be an integer >= 0, got {line!r}")
+            self.items.append((self.list_path.parent / fields[0].strip(), int(fields[1])))
+            self.line_numbers.append(number)
+        if not self.items:
+            raise DataError(f"{self.list_path}: the list names no videos")
+        self.num_classes = max(label for _, label in self.items) + 1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def where(self, index: int) -> str:
+        return f"{self.items[index][0]} ({self.list_path}:{self.line_numbers[index]})"
+
+    def load(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+        """Training view (3, T, img_size, img_size), label; DataError on a bad video."""
+        span = self.frames * self.frame_step
+        frames = decode(self.items[index][0], self.where(index), lambda n: window_indices(
+            n, int(rng.integers(0, max(n - span, 0) + 1)), self.frames, self.frame_step))  # (T, H, W, 3)
+        return augment(to_frames(frames), self.img_size, rng), self.items[index][1]
+
+    def eval_views(self, index: int, segments: int, views: int) -> torch.Tensor:
+        """(views, segments, 3, T, S, S), S = img_size: windows centred in `segments` equal parts of the
+        video (overlapping when the video is short); the short side resized to S, then `views` crops spread
+        along the long side (3: left/top, centre, right/bottom; 1: centre)."""
+        span, S = self.frames * self.frame_step, self.img_size
+
+        def pick(n):  # (segments, T)
+            centres = (2 * np.arange(segments) + 1) * n // (2 * segments)
+            return np.stack([window_indices(n, s, self.frames, self.frame_step)
+                             for s in (centres - span // 2).clip(0, max(n - span, 0))])
+
+        frames = decode(self.items[index][0], self.where(index), pick)  # (segments, T, H, W, 3)
+        frames = to_frames(frames.reshape(-1, *frames.shape[2:]))  # (segments*T, 3, H, W)
+        clip = to_clip(short_side_resize(frames, S))  # (3, segments*T, h, w)
+        long = max(clip.shape[2:])
+        starts = np.linspace(0, long - S, views).round().astype(int) if views > 1 else [(long - S) // 2]
+        out = torch.stack([clip[:, :, o:o + S] if clip.shape[2] > S else clip[..., o:o + S] for o in starts])
+        return out.unflatten(2, (segments, self.frames)).transpose(1, 2)  # (views, segments, 3, T, S, S)
+
+    def __getitem__(self, index) -> tuple[torch.Tensor, int]:
+        if self.train:
+            return self.load(index, np.random.default_rng(index))
+        return self.eval_views(index, 1, 1)[0, 0], self.items[index][1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images, for the image probes (IN1K, Places205, iNat21).
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<image>; each image becomes a clip by repeating it `frames` times along time (official
+    image eval). Training view: random-resized-crop (ImageNet's scale 0.08-1) + flip; evaluation: the short
+    side resized to img_size * 256/224, then a centre crop. Hidden folders and non-image files are skipped."""
+    SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+    def __init__(self, root, frames: int = 16, img_size: int = 224, train: bool = False):
+        self.root, self.frames, self.img_size, self.train = Path(root), frames, img_size, train
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: image folder not found")
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and d.name[0] != ".")
+        if not self.classes:
+            raise DataError(f"{self.root}: no class folders (expected root/<class>/<image>)")
+        self.items = []
+        for label, name in enumerate(self.classes):
+            images = sorted(p for p in (self.root / name).iterdir() if p.suffix.lower() in self.SUFFIXES)
+            if not images:
+                raise DataError(f"{self.root / name}: empty class folder (no {' '.join(self.SUFFIXES)} file)")
+            self.items += [(p, label) for p in images]
+        self.num_classes = len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, index: int) -> torch.Tensor:
+        """(1, 3, H, W) uint8: the image as one frame."""
+        try:
+            with Image.open(self.items[index][0]) as im:
+                return to_frames(np.array(im.convert("RGB"))[None])  # (1, 3, H, W)
+        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"{self.items[index][0]}: cannot read the image ({e})") from e
+
+    def load(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+        """Training view (3, T, img_size, img_size), label."""
+        clip = augment(self.image(index), self.img_size, rng, crop=IMAGE_CROP)  # (3, 1, S, S)
+        return clip.expand(-1, self.frames, -1, -1), self.items[index][1]  # (3, T, S, S), a view
+
+    def __getitem__(self, index) -> tuple[torch.Tensor, int]:
+        if self.train:
+            return self.load(index, np.random.default_rng(index))
+        frames, S = short_side_resize(self.image(index), self.img_size * 256 // 224), self.img_size
+        top, left = (frames.shape[2] - S) // 2, (frames.shape[3] - S) // 2
+        clip = to_clip(frames[:, :, top:top + S, left:left + S])  # (3, 1, S, S)
+        return clip.expand(-1, self.frames, -1, -1), self.items[index][1]  # (3, T, S, S), a view
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training stream: what each step reads, and its augmentation, as pure functions of the step.
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """For each step s in [start_step, total_steps) yields this rank's batch: [(s, i) for its B indices].
+
+    Epoch e is a permutation of range(dataset_len) seeded by (seed, e); the epochs are concatenated, the
+    global batch of step s is positions [s*B*W, (s+1)*B*W) (W = world_size), and rank r takes the r-th B
+    of them. A function of the arguments only: a run resumed at step k yields exactly what the
+    uninterrupted run yields from step k, with nothing replayed to get there.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, start_step: int, total_steps: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        ok = dataset_len > 0 and batch_size > 0 and 0 <= rank < world_size and 0 <= start_step <= total_steps
+        if not ok:
+            raise ValueError(f"bad StepSampler: {dataset_len} samples, batch_size {batch_size}, "
+                             f"steps [{start_step}, {total_steps}), rank {rank} of {world_size}")
+        self.n, self.batch_size, self.steps = dataset_len, batch_size, range(start_step, total_steps)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return rng_for(self.seed, epoch, stream=SAMPLER_STREAM).permutation(self.n)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self):
+        orders = {}  # the epochs the current batch touches
+        for step in self.steps:
+            first = (step * self.world_size + self.rank) * self.batch_size
+            positions = np.arange(first, first + self.batch_size)
+            epochs = np.unique(positions // self.n)
+            orders = {e: orders[e] if e in orders else self.epoch_order(e) for e in epochs}
+            yield [(step, int(orders[p // self.n][p % self.n])) for p in positions]
+
+
+class TrainStream(torch.utils.data.Dataset):
+    """Wraps a dataset with .load(index, rng): __getitem__((step, index)) -> (clip, label, step, bad).
+
+    The augmentation RNG depends only on (seed, step, index), so it replays on resume whatever the number
+    of workers. A DataError (an unreadable video) is logged in one line and the sample is replaced by an
+    index drawn from (seed, step, index, attempt); `bad` counts the clips skipped for this sample. Once more
+    than max_bad_fraction of this process's attempts (at least 20) have failed, the run stops: that many
+    bad files means a broken data list, not a few corrupt videos.
+    """
+
+    def __init__(self, dataset, seed: int = 0, max_bad_fraction: float = 0.05):
+        if not 0 <= max_bad_fraction < 1:
+            raise ValueError(f"max_bad_fraction must lie in [0, 1), got {max_bad_fraction}")
+        self.dataset, self.seed, self.max_bad_fraction = dataset, seed, max_bad_fraction
+        self.attempts = self.failures = 0  # per process: each DataLoader worker counts its own
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, int, int, int]:
+        step, index = key
+        replacements = rng_for(self.seed, step, index, stream=RETRY_STREAM)
+        bad = 0
+        while True:
+            self.attempts += 1
+            try:
+                clip, label = self.dataset.load(index, rng_for(self.seed, step, index, stream=AUGMENT_STREAM))
+                return clip, label, step, bad
+            except DataError as e:
+                self.failures += 1
+                log.warning("step %d: skipping a clip: %s", step, e)
+                if self.attempts >= 20 and self.failures > self.max_bad_fraction * self.attempts:
+                    raise DataError(
+                        f"{self.failures} of {self.attempts} clips failed to load in this process, more than "
+                        f"max_bad_fraction={self.max_bad_fraction}: check the data list (the warnings above "
+                        "name the files) or raise the limit: make_train_loader(max_bad_fraction=...)") from e
+                index, bad = int(replacements.integers(len(self.dataset))), bad + 1
+
+
+def make_train_loader(dataset, masker, batch_size: int, start_step: int, total_steps: int, seed: int = 0,
+                      rank: int = 0, world_size: int = 1, workers: int = 0,
+                      max_bad_fraction: float = 0.05) -> torch.utils.data.DataLoader:
+    """The pretraining loader: batch s is MaskCollator's dict for step s, the same for a given (seed, rank)
+    whatever `workers` is and wherever the run was resumed."""
+    return torch.utils.data.DataLoader(
+        TrainStream(dataset, seed, max_bad_fraction),
+        batch_sampler=StepSampler(len(dataset), batch_size, start_step, total_steps, seed, rank, world_size),
+        collate_fn=MaskCollator(masker, rank), num_workers=workers, persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available())
