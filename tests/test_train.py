@@ -1,0 +1,173 @@
+"""Claims about train.py: official schedules, a CLI from the config, training lowers the loss, exact resume,
+clean stops (non-finite loss, Ctrl-C), FLOP counting, multi-process runs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import masking
+import train
+import vjepa
+from train import TrainConfig, ema_at, lr_at, recipe, wd_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_schedules_equal_official(reference):
+    ref = json.loads((reference / "official_schedules_vitl16.json").read_text())
+    cfg = recipe("vitl16")
+    assert cfg.steps == 90_000 and train.horizon(cfg) == 112_500
+    for i, s in enumerate(ref["steps"]):
+        assert lr_at(s, cfg) == pytest.approx(ref["lr"][i], rel=1e-12, abs=0)
+        assert wd_at(s, cfg) == pytest.approx(ref["wd"][i], rel=1e-12, abs=0)
+        assert ema_at(s, cfg) == pytest.approx(ref["ema"][i], rel=1e-12, abs=0)
+
+
+def test_end_of_training_values():
+    """SPEC section 5: training stops at 90,000 steps with lr 7.5e-5, wd 0.366, momentum 0.9996."""
+    cfg = recipe("vith16")
+    assert lr_at(89_999, cfg) == pytest.approx(7.5e-5, rel=1e-3)
+    assert wd_at(89_999, cfg) == pytest.approx(0.366, abs=5e-4)
+    assert ema_at(89_999, cfg) == pytest.approx(0.9996, rel=1e-6)
+
+
+def test_cli_from_config_fields():
+    cfg = train.parse_args(["--size", "vitl16", "--lr", "3e-4", "--no-resume", "--compile"])
+    assert cfg.size == "vitl16" and cfg.lr == 3e-4 and cfg.compile and not cfg.resume
+    assert cfg.batch_size == 24 and cfg.steps == 90_000 and cfg.warmup == 12_000  # the paper's recipe
+    assert train.parse_args([]) == TrainConfig()  # tiny is the default
+    for bad in (["--no-such-option", "1"], ["--steps", "many"], ["--size", "vitz"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+
+
+def test_optimizer_groups_follow_official_weight_decay():
+    model = vjepa.VJEPA(vjepa.PRESETS["tiny"])
+    opt = train.make_optimizer(model, torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["decay"] and not no_decay["decay"] and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert any(p is model.predictor.mask_tokens[0] for p in decay["params"])  # mask tokens are decayed
+    n_params = sum(model.num_params().values())
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_params
+
+
+def test_analytic_flops_equal_flop_counter():
+    """The MFU in the log uses model_flops(); it must equal torch's own count (CPU SDPA is not counted by
+    FlopCounterMode, so attention is left out of both sides here)."""
+    mc = vjepa.PRESETS["tiny"]
+    model = vjepa.VJEPA(mc)
+    masks = masking.MultiBlockMasker(mc.grid)(3, step=0)
+    clip = torch.randn(3, 3, mc.frames, mc.img_size, mc.img_size)
+    with FlopCounterMode(display=False) as counter:
+        model(clip, masks)["loss"].backward()
+    n_ctx, n_tgt = [c.shape[1] for c, _ in masks], [t.shape[1] for _, t in masks]
+    assert counter.get_total_flops() == train.model_flops(mc, n_ctx, n_tgt, 3, attention=False)
+
+
+def small(tmp_path, **kw) -> TrainConfig:
+    base = {"out": str(tmp_path / "run"), "steps": 10, "batch_size": 4, "warmup": 3, "log_every": 1,
+            "save_every": 5, "synthetic_size": 64}
+    return recipe("tiny", **{**base, **kw})
+
+
+def interrupt_at(monkeypatch, at_step):
+    """Press Ctrl-C (a real SIGINT) while step `at_step` runs."""
+    real = train.ema_at
+
+    def ema_and_interrupt(step, cfg):
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(step, cfg)
+
+    monkeypatch.setattr(train, "ema_at", ema_and_interrupt)
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """2N steps in one go == N steps, Ctrl-C, --resume, N more: the same losses step for step (same masks,
+    same clips, same optimizer state), and the Ctrl-C saved a checkpoint at step N."""
+    full = train.train(small(tmp_path / "a"))["losses"]
+    assert len(full) == 10
+    interrupt_at(monkeypatch, 4)
+    first = train.train(small(tmp_path / "b"))
+    monkeypatch.undo()
+    assert first["step"] == 5 and torch.load(tmp_path / "b/run/ckpt.pt", weights_only=True)["step"] == 5
+    second = train.train(small(tmp_path / "b", resume=True))
+    assert first["losses"] + second["losses"] == full
+
+
+def test_training_lowers_the_loss(tmp_path):
+    res = train.train(small(tmp_path, steps=60, warmup=10, lr=1e-3, batch_size=8, save_every=60))
+    losses = res["losses"]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    run = tmp_path / "run"
+    assert (run / "loss.png").stat().st_size > 0 and (run / "ckpt.pt").is_file()
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 60
+    assert {"loss", "lr", "wd", "ema", "ctx", "tgt", "clips_per_s"} <= set(rows[-1])
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"] == asdict(vjepa.PRESETS["tiny"]) and ckpt["train_config"]["steps"] == 60
+    enc = vjepa.load_target_encoder(run / "ckpt.pt")  # what probe.py and the notebooks use
+    assert torch.equal(enc.norm.weight, ckpt["model"]["target_encoder.norm.weight"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real = vjepa.VJEPA.forward
+
+    def poisoned(self, clip, masks):
+        out = real(self, clip, masks)
+        if poisoned.calls == 7:
+            out["loss"] = out["loss"] * float("nan")
+        poisoned.calls += 1
+        return out
+
+    poisoned.calls = 0
+    monkeypatch.setattr(vjepa.VJEPA, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 7"):
+        train.train(small(tmp_path, log_every=5))
+    assert torch.load(tmp_path / "run/ckpt.pt", weights_only=True)["step"] == 5
+
+
+def test_broken_checkpoint_raises_on_resume(tmp_path):
+    cfg = small(tmp_path, resume=True)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        train.train(cfg)
+    Path(cfg.out).mkdir(parents=True)
+    (Path(cfg.out) / "ckpt.pt").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="could not read checkpoint"):
+        train.train(cfg)
+
+
+def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = vjepa.VJEPA(vjepa.PRESETS["tiny"])
+    opt = train.make_optimizer(model, torch.device("cpu"))
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, model, opt, TrainConfig(), 3, {})
+
+    def killed(*args, **kwargs):
+        Path(args[1]).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, model, opt, TrainConfig(), 4, {})
+    assert torch.load(path, weights_only=True)["step"] == 3
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           str(ROOT / "train.py"), "--size", "tiny", "--steps", "3", "--batch-size", "2", "--log-every", "1",
+           "--synthetic-size", "32", "--out", str(tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "global batch 4 = 2 x 2 process(es)" in res.stdout
+    rows = [json.loads(x) for x in (tmp_path / "ddp/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]

@@ -1,0 +1,477 @@
+"""Train V-JEPA, from a laptop CPU to many GPUs.
+
+    python train.py --size tiny                                  # laptop: built-in synthetic videos, ~5 min
+    python train.py --size vitl16 --data lists/k400_train.txt    # the paper's recipe on one GPU
+    torchrun --nproc_per_node=8 train.py --size vith16 --data lists/videomix2m.txt
+    python train.py --size vitl16 --benchmark                    # step time, clips/s, TFLOP/s, peak memory
+
+One step (paper section 3, SPEC sections 4-5): masks for the batch (masking.py, drawn in the DataLoader
+workers) -> `VJEPA.forward` = targets from the EMA encoder on the full clip, context encoder + predictor per
+mask generator, L1 loss (vjepa.py) -> AdamW step with the scheduled lr / weight decay -> EMA update of the
+target encoder with the scheduled momentum. Schedules are pure functions of the step, masks and data are
+pure functions of (seed, step, rank): resuming sets the step and replays nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import masking
+import vjepa
+from vjepa import PRESETS, VJEPA, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    size: str = "tiny"  # model preset (vjepa.PRESETS)
+    data: str = "synthetic"  # "synthetic" (built in) or a video list file in the official format
+    out: str = "runs/tiny"  # run folder: ckpt.pt, log.jsonl, loss.png
+    steps: int = 400
+    batch_size: int = 16  # per process (GPU); global batch = batch_size x world size
+    # Schedules (SPEC section 5). The official recipe stretches every schedule over horizon_scale x steps
+    # (1.25: 112,500 for 90,000 steps), so training stops before the cosine reaches its final values.
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup: int = 40
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    ema_start: float = 0.998
+    ema_end: float = 1.0
+    horizon_scale: float = 1.25
+    clip_grad: float = 10.0  # max grad norm, encoder and predictor separately, after the warmup only
+    # Objective: "features" (V-JEPA) or "pixels" (the paper's pixel-reconstruction baseline, MSE)
+    target: str = "features"
+    # Masks
+    masking: str = "multiblock"  # "multiblock" (the paper's) or "tube" (random-tube ablation)
+    tube_ratio: float = 0.9
+    truncation: str = "official"  # "official" (drop the latest tokens) or "random" (masking.equalise)
+    # Data
+    synthetic_size: int = 100_000  # distinct synthetic videos per epoch
+    frame_step: int = 4  # real video: 16 frames at stride 4 cover 64 frames
+    workers: int = 0  # DataLoader worker processes per GPU (real video wants several: see README)
+    max_bad_fraction: float = 0.05  # stop when more than this fraction of videos fail to decode
+    # Run
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 100
+    resume: bool = False  # continue from <out>/ckpt.pt
+    compile: bool = False  # torch.compile the model
+    checkpoint_act: bool = False  # activation checkpointing: less memory, ~30% more compute
+    device: str = "auto"  # auto: cuda when available, else cpu
+    benchmark: bool = False  # time synthetic steps on the device instead of training (no data, no saving)
+    benchmark_steps: int = 20
+
+
+PAPER = {"steps": 90_000, "batch_size": 24, "lr": 6.25e-4, "start_lr": 2e-4, "warmup": 12_000, "workers": 8}
+RECIPES = {  # per-size defaults; every field can still be overridden on the command line
+    "tiny": {},
+    "vitb16": PAPER,
+    "vitl16": PAPER,
+    "vith16": PAPER,
+    "vith16_384": {**PAPER, "batch_size": 2400 // 128},  # paper: global batch 2400 on 128 GPUs (18.75/GPU)
+}
+
+
+def recipe(size: str, **overrides) -> TrainConfig:
+    """The default config of a model size, e.g. recipe("vitl16", steps=1000)."""
+    if size not in PRESETS:
+        raise ValueError(f"unknown size {size!r}: choose one of {', '.join(PRESETS)}")
+    return TrainConfig(**{"size": size, "out": f"runs/{size}", **RECIPES[size], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules: pure functions of the optimizer step s (counted from 0). They reproduce the official values
+# (../shared/reference/official_schedules_vitl16.json): the official schedulers are stepped once before
+# each optimizer step, so step s uses their value at count s + 1.
+
+
+def horizon(cfg: TrainConfig) -> int:
+    return int(cfg.horizon_scale * cfg.steps)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    s = step + 1
+    if s < cfg.warmup:  # linear warmup start_lr -> lr
+        return cfg.start_lr + s / cfg.warmup * (cfg.lr - cfg.start_lr)
+    progress = (s - cfg.warmup) / max(1, horizon(cfg) - cfg.warmup)  # cosine lr -> final_lr
+    cosine = cfg.final_lr + (cfg.lr - cfg.final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return max(cfg.final_lr, cosine)
+
+
+def wd_at(step: int, cfg: TrainConfig) -> float:
+    progress = (step + 1) / horizon(cfg)  # cosine weight_decay -> final_weight_decay (it rises)
+    start, end = cfg.weight_decay, cfg.final_weight_decay
+    wd = end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+    return min(wd, end) if end >= start else max(wd, end)
+
+
+def ema_at(step: int, cfg: TrainConfig) -> float:
+    return cfg.ema_start + step * (cfg.ema_end - cfg.ema_start) / horizon(cfg)  # linear, used after step s
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, optimizer, data
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    mc = dataclasses.replace(PRESETS[cfg.size], target=cfg.target)
+    if cfg.masking == "tube":  # one mask generator, hence one mask token
+        mc = dataclasses.replace(mc, num_mask_tokens=1)
+    return mc
+
+
+def make_masker(cfg: TrainConfig, mc: ModelConfig):
+    if cfg.masking == "multiblock":
+        return masking.MultiBlockMasker(mc.grid, truncation=cfg.truncation, seed=cfg.seed)
+    if cfg.masking == "tube":
+        return masking.RandomTubeMasker(mc.grid, ratio=cfg.tube_ratio, seed=cfg.seed)
+    raise ValueError(f"masking must be 'multiblock' or 'tube', got {cfg.masking!r}")
+
+
+def make_optimizer(model: VJEPA, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over encoder + predictor. Biases and 1-D parameters (norms) get no weight decay; everything
+    else does, the mask tokens included (official behaviour). wd_at() sets the decayed group each step."""
+    params = [p for p in [*model.encoder.parameters(), *model.predictor.parameters()] if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "decay": True}, {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+    fused = device.type == "cuda"  # one kernel for all parameters; foreach (multi-tensor) on CPU
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=fused, foreach=not fused)
+
+
+def make_dataset(cfg: TrainConfig, mc: ModelConfig):
+    if cfg.data == "synthetic":
+        return data.SyntheticVideos(cfg.synthetic_size, frames=mc.frames, img_size=mc.img_size, seed=cfg.seed)
+    return data.VideoList(cfg.data, frames=mc.frames, frame_step=cfg.frame_step, img_size=mc.img_size,
+                          train=True)
+
+
+def model_flops(mc: ModelConfig, n_ctx: list[int], n_tgt: list[int], batch: int,
+                attention: bool = True) -> int:
+    """Matmul FLOPs of one training step (forward + backward), counted analytically: a block on n tokens of
+    width d costs 24*n*d^2 (qkv, proj, mlp) + 4*n^2*d (attention) forward; backward costs 2x forward.
+    The target encoder runs forward only; the patch embedding needs no input gradient (1x backward).
+    Equal to torch's FlopCounterMode count (tests/test_train.py)."""
+    def blocks(n, d, depth):
+        return depth * (24 * n * d * d + 4 * n * n * d * attention)
+
+    embed = 2 * mc.num_tokens * (3 * mc.tubelet * mc.patch**2) * mc.dim  # Conv3d as a matmul
+    D, Dp = mc.dim, mc.pred_dim
+    out = D if mc.target == "features" else mc.pixels_per_token
+    total = 2 * embed  # context tokens are embedded once: forward + weight gradient
+    if mc.target == "features":
+        total += blocks(mc.num_tokens, D, mc.depth) + embed  # target encoder, forward only
+    for c, t in zip(n_ctx, n_tgt):
+        # context encoder, then predictor (embed, blocks, projection): forward + backward = 3x forward
+        predictor = 2 * c * D * Dp + blocks(c + t, Dp, mc.pred_depth) + 2 * t * Dp * out
+        total += 3 * (blocks(c, D, mc.depth) + predictor)
+    return batch * total
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the card (datasheet), for model-FLOPs utilisation; None when unknown or on CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: self-describing (both configs inside), written atomically, loaded with weights_only=True.
+
+
+def save_checkpoint(path: Path, model: VJEPA, opt, cfg: TrainConfig, step: int, extra: dict):
+    state = {"model_config": asdict(model.cfg), "train_config": asdict(cfg), "step": step,
+             "model": model.state_dict(), "optimizer": opt.state_dict(), **extra}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill during torch.save leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: Path, model: VJEPA, opt, cfg: TrainConfig) -> dict:
+    """Fill model and optimizer from path; raises (never restarts from scratch) when it cannot."""
+    ckpt = vjepa.read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "optimizer" not in ckpt:
+        raise ValueError(f"{path} is not a training checkpoint of this project (no model_config/optimizer)")
+    if ModelConfig(**ckpt["model_config"]) != model.cfg:
+        raise ValueError(f"{path} holds model {ckpt['model_config']}, but --size {cfg.size} builds "
+                         f"{asdict(model.cfg)}")
+    model.load_state_dict(ckpt["model"], strict=True)
+    opt.load_state_dict(ckpt["optimizer"])
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK. Without them nothing touches torch.distributed.
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop
+
+
+def train(cfg: TrainConfig, on_log=None) -> dict:
+    """Train (or benchmark) as cfg says. Returns {"losses": [...], "step": steps done, "out": run folder}.
+
+    on_log(row): called with each log row (a dict, as in log.jsonl), e.g. for a live plot in a notebook.
+    """
+    rank, world, device = setup_distributed(cfg)
+    main_proc = rank == 0
+    say = print if main_proc else (lambda *a, **k: None)
+    mc = model_config(cfg)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = VJEPA(mc).to(device)
+    model.encoder.grad_checkpointing = model.predictor.grad_checkpointing = cfg.checkpoint_act
+    opt = make_optimizer(model, device)
+    masker = make_masker(cfg, mc)
+    out = Path(cfg.out)
+    ckpt_path = out / "ckpt.pt"
+    start, extra = 0, {"bad_clips": 0}
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path, model, opt, cfg)
+        start, extra = ckpt["step"], {"bad_clips": ckpt.get("bad_clips", 0)}
+    # bf16 autocast on GPU (no GradScaler: bf16 has fp32's range), plain fp32 on CPU
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    step_fn = torch.compile(ddp, dynamic=True) if cfg.compile else ddp  # token counts vary: dynamic shapes
+
+    n = model.num_params()
+    say(f"config: {json.dumps(asdict(cfg))}")
+    say(f"model {cfg.size}: {json.dumps(asdict(mc))}")
+    say(f"parameters: encoder {n['encoder']:,}  predictor {n['predictor']:,} | tokens per clip "
+        f"{mc.num_tokens} (grid {'x'.join(map(str, mc.grid))}) | global batch {cfg.batch_size * world} = "
+        f"{cfg.batch_size} x {world} process(es) on {device.type}")
+    if cfg.benchmark:
+        return benchmark(cfg, model, step_fn, opt, masker, amp, device, say)
+
+    dataset = make_dataset(cfg, mc)
+    loader = data.make_train_loader(dataset, masker, cfg.batch_size, start, cfg.steps, seed=cfg.seed,
+                                    rank=rank, world_size=world, workers=cfg.workers)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.jsonl").open("a") if main_proc else None
+    losses, pending = [], []  # pending: (step, loss tensor) since the last log line, checked in one sync
+    t_log, clips_since = time.perf_counter(), 0
+    peak = peak_flops(device)
+    done = start
+    stop = on_ctrl_c()
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not main_proc, dynamic_ncols=True)
+    try:
+        for batch in loader:
+            step = batch["step"]
+            lr, wd, m = lr_at(step, cfg), wd_at(step, cfg), ema_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+                if g["decay"]:
+                    g["weight_decay"] = wd
+            clips = batch["clips"].to(device, non_blocking=True)
+            masks = [(c.to(device, non_blocking=True), t.to(device, non_blocking=True))
+                     for c, t in batch["masks"]]
+            with amp:
+                res = step_fn(clips, masks)
+            opt.zero_grad(set_to_none=True)
+            res["loss"].backward()
+            if step >= cfg.warmup and cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.encoder.parameters(), cfg.clip_grad)
+                torch.nn.utils.clip_grad_norm_(model.predictor.parameters(), cfg.clip_grad)
+            opt.step()
+            model.update_target(m)
+            extra["bad_clips"] += batch["bad"]
+            pending.append((step, res["loss"].detach()))
+            clips_since += clips.shape[0] * world
+            bar.update(1)
+            done = step + 1
+            if done % cfg.log_every == 0 or done % cfg.save_every == 0 or done == cfg.steps:
+                vals = check_finite(pending, ckpt_path)  # one host sync per log line
+                losses += vals
+                pending = []
+                dt = time.perf_counter() - t_log
+                row = {"step": done, "loss": sum(vals) / len(vals), "lr": lr, "wd": wd, "ema": m,
+                       "ctx": [c.shape[1] for c, _ in masks], "tgt": [t.shape[1] for _, t in masks],
+                       "clips_per_s": clips_since / dt, "bad_clips": extra["bad_clips"]}
+                if device.type == "cuda":
+                    row["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    if peak:
+                        flops = model_flops(mc, row["ctx"], row["tgt"], cfg.batch_size)
+                        row["mfu"] = flops * (len(vals) / dt) / peak
+                if main_proc:
+                    bar.write(format_row(row))
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    if on_log:
+                        on_log(row)
+                t_log, clips_since = time.perf_counter(), 0
+            if main_proc and (done % cfg.save_every == 0 or done == cfg.steps):
+                save_checkpoint(ckpt_path, model, opt, cfg, done, extra)
+            if stop.is_set():  # Ctrl-C: the step in flight has finished; keep what it taught
+                losses += check_finite(pending, ckpt_path) if pending else []
+                if main_proc:
+                    save_checkpoint(ckpt_path, model, opt, cfg, done, extra)
+                say(f"\ninterrupted: saved {ckpt_path} at step {done}; continue with --resume")
+                break
+    finally:
+        bar.close()
+        if log:
+            log.close()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if extra["bad_clips"]:
+        say(f"skipped {extra['bad_clips']} unreadable video(s) during training (see the warnings above)")
+    if main_proc:
+        plot_losses(out)
+        say(f"done: {ckpt_path} (step {done}), log {out / 'log.jsonl'}, curve {out / 'loss.png'}")
+    if world > 1:
+        dist.destroy_process_group()
+    return {"losses": losses, "step": done, "out": str(out)}
+
+
+def on_ctrl_c() -> threading.Event:
+    """First Ctrl-C: finish the current step, save, exit. A second one interrupts at once."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)", file=sys.stderr)
+
+    if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+        signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def check_finite(pending: list, ckpt_path: Path) -> list[float]:
+    vals = torch.stack([v for _, v in pending]).tolist()
+    for (s, _), v in zip(pending, vals):
+        if not math.isfinite(v):
+            raise FloatingPointError(f"loss is {v} at step {s}: stopping; the last good checkpoint is kept "
+                                     f"at {ckpt_path} (lower --lr, or check the data)")
+    return vals
+
+
+def format_row(r: dict) -> str:
+    line = (f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | wd {r['wd']:.3f} | "
+            f"ema {r['ema']:.5f} | ctx {'/'.join(map(str, r['ctx']))} tgt {'/'.join(map(str, r['tgt']))} | "
+            f"{r['clips_per_s']:6.1f} clips/s")
+    if "mfu" in r:
+        line += f" | mfu {100 * r['mfu']:.1f}%"
+    if "mem_gib" in r:
+        line += f" | mem {r['mem_gib']:.1f} GiB"
+    return line
+
+
+def plot_losses(out: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set(xlabel="step", ylabel="L1 loss (mean over mask generators)", title=f"V-JEPA training: {out.name}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark: synthetic clips already on the device, no data loading, no checkpoints.
+
+
+def benchmark(cfg, model, step_fn, opt, masker, amp, device, say) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+    mc = model.cfg
+    clips = torch.randn(cfg.batch_size, 3, mc.frames, mc.img_size, mc.img_size, device=device)
+    batches = [[(c.to(device), t.to(device)) for c, t in masker(cfg.batch_size, s)] for s in range(8)]
+
+    def one_step(i):
+        with amp:
+            loss = step_fn(clips, batches[i % len(batches)])["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.update_target(0.999)
+
+    with FlopCounterMode(display=False) as counter:  # one eager step, forward and backward
+        with amp:
+            loss = model(clips, batches[0])["loss"]
+        loss.backward()
+    flops = counter.get_total_flops()
+    warm = 3 if not cfg.compile else 10
+    for i in range(warm):
+        one_step(i)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for i in range(cfg.benchmark_steps):
+        one_step(i)
+    sync()
+    dt = (time.perf_counter() - t0) / cfg.benchmark_steps
+    res = {"size": cfg.size, "batch": cfg.batch_size, "compile": cfg.compile, "device": str(device),
+           "ms_per_step": 1000 * dt, "clips_per_s": cfg.batch_size / dt, "tflop_per_step": flops / 1e12,
+           "tflops": flops / dt / 1e12, "torch": torch.__version__}
+    if device.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(device)
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if peak_flops(device):
+            res["peak_fraction"] = flops / dt / peak_flops(device)
+    say("benchmark: " + json.dumps(res))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: generated from TrainConfig's fields; --size picks the defaults of its recipe.
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--size", default="tiny", choices=list(PRESETS))
+    size = pre.parse_known_args(argv)[0].size
+    base = recipe(size)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(base, f.name)
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            choices = list(PRESETS) if f.name == "size" else None
+            p.add_argument(flag, type=kind, default=default, choices=choices, help=f"(default: {default})")
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    try:
+        train(parse_args())
+    except KeyboardInterrupt:
+        sys.exit(130)
