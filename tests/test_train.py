@@ -171,3 +171,55 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert "global batch 4 = 2 x 2 process(es)" in res.stdout
     rows = [json.loads(x) for x in (tmp_path / "ddp/log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_fast_paths_compute_the_plain_function():
+    """Speed tricks never change the method: activation checkpointing gives the same loss and gradients,
+    and the fused AdamW step (used on GPU) equals the foreach step (used on CPU)."""
+    mc = vjepa.PRESETS["tiny"]
+    torch.manual_seed(0)
+    plain = vjepa.VJEPA(mc)
+    fast = vjepa.VJEPA(mc)
+    fast.load_state_dict(plain.state_dict())
+    fast.encoder.grad_checkpointing = True
+    clip = torch.randn(2, 3, mc.frames, mc.img_size, mc.img_size)
+    masks = masking.MultiBlockMasker(mc.grid)(2, step=0)
+    a, b = plain(clip, masks)["loss"], fast(clip, masks)["loss"]
+    a.backward()
+    b.backward()
+    assert torch.equal(a, b)
+    for p, q in zip(plain.parameters(), fast.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-7)
+    params = [[p.detach().clone().requires_grad_() for p in plain.encoder.parameters()] for _ in range(2)]
+    for ps in params:
+        for p, src in zip(ps, plain.encoder.parameters()):
+            p.grad = src.grad.clone()
+    torch.optim.AdamW(params[0], lr=1e-3, foreach=True).step()
+    torch.optim.AdamW(params[1], lr=1e-3, fused=True).step()
+    for p, q in zip(*params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_benchmark_mode_runs_and_counts(tmp_path):
+    res = train.train(recipe("tiny", benchmark=True, benchmark_steps=2, batch_size=2, out=str(tmp_path)))
+    assert res["clips_per_s"] > 0 and res["ms_per_step"] > 0
+    assert res["tflop_per_step"] > 0
+    assert res["tflops"] == pytest.approx(res["tflop_per_step"] * 1000 / res["ms_per_step"])
+    assert not (tmp_path / "ckpt.pt").exists()  # a benchmark writes nothing
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager():
+    """torch.compile (--compile) computes the same loss as eager, across changing token counts.
+    Slow on CPU (minutes of compilation), hence kept out of CI."""
+    mc = vjepa.PRESETS["tiny"]
+    torch.manual_seed(0)
+    model = vjepa.VJEPA(mc)
+    compiled = torch.compile(model, dynamic=True)
+    clip = torch.randn(2, 3, mc.frames, mc.img_size, mc.img_size)
+    masker = masking.MultiBlockMasker(mc.grid)
+    for step in range(3):
+        masks = masker(2, step)
+        expected = model(clip, masks)["loss"]
+        torch.testing.assert_close(compiled(clip, masks)["loss"], expected, rtol=1e-5, atol=1e-6)
