@@ -223,3 +223,21 @@ def test_compiled_step_equals_eager():
         masks = masker(2, step)
         expected = model(clip, masks)["loss"]
         torch.testing.assert_close(compiled(clip, masks)["loss"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_trains_on_a_video_list_and_reports_skipped_videos(tmp_path, capsys):
+    """Real video end to end: PyAV-written mp4s in the official list format, one of them corrupt. Training
+    goes on, counts the skipped clip in the log and reports it at the end."""
+    from test_data import write_video  # the PyAV writer of the data tests
+
+    for i in range(3):
+        write_video(tmp_path / f"v{i}.mp4", 24, w=80, h=72)
+    (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 100)
+    (tmp_path / "list.txt").write_text("v0.mp4 0\nv1.mp4 1\nbroken.mp4 1\nv2.mp4 0\n")
+    cfg = small(tmp_path, data=str(tmp_path / "list.txt"), steps=2, batch_size=4, frame_step=2,
+                max_bad_fraction=0.5)
+    res = train.train(cfg)
+    assert len(res["losses"]) == 2
+    rows = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert rows[-1]["bad_clips"] >= 1
+    assert "unreadable video(s)" in capsys.readouterr().out
