@@ -241,3 +241,14 @@ def test_trains_on_a_video_list_and_reports_skipped_videos(tmp_path, capsys):
     rows = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert rows[-1]["bad_clips"] >= 1
     assert "unreadable video(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", [{"target": "pixels"}, {"masking": "tube", "tube_ratio": 0.75}])
+def test_ablation_options_train(tmp_path, option):
+    """The paper's baselines are options of the same trainer: the pixel target and random-tube masking."""
+    res = train.train(small(tmp_path, steps=3, **option))
+    assert len(res["losses"]) == 3 and all(map(torch.isfinite, torch.tensor(res["losses"])))
+    ckpt = torch.load(tmp_path / "run/ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["target"] == option.get("target", "features")
+    assert ckpt["model_config"]["num_mask_tokens"] == (1 if "masking" in option else 2)
+    assert vjepa.load_target_encoder(tmp_path / "run/ckpt.pt").cfg.dim == vjepa.PRESETS["tiny"].dim
