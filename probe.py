@@ -1,0 +1,492 @@
+"""Frozen evaluation of V-JEPA: an attentive probe on the frozen target encoder (paper section 4, SPEC 7).
+
+    python probe.py --size tiny --random-init                       # the floor, built-in synthetic data
+    python probe.py --checkpoint runs/tiny/ckpt.pt --label motion   # a model trained by train.py
+    python probe.py --checkpoint vitl16.pth.tar --size vitl16 --data videos --segments 8 --views 3 \\
+        --train-list k400_train.txt --val-list k400_val.txt         # K400 16x8x3
+    python probe.py --checkpoint vitl16.pth.tar --size vitl16 --data videos --segments 8 --views 3 \\
+        --val-list k400_val.txt --probe-checkpoint k400-probe.pth.tar --epochs 0   # a released probe
+
+The encoder never trains: its token maps go to a small attentive probe (one learned query cross-attends to
+all tokens, then a linear layer). Writes results.json, probe.pth.tar (official format) and, for <= 20
+classes, confusion.png to --out.
+
+Shapes: B videos, V spatial views, S temporal segments, N tokens per clip, D width, C classes.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+import types
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import data
+import vjepa
+from vjepa import PRESETS
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The attentive probe. Attribute names are the official ones, so a released probe loads with a prefix
+#    strip ("module.") and a strict load. LayerNorm eps is nn.LayerNorm's default 1e-5, as the official
+#    probe (measured on ../shared/reference: 1e-5 reproduces its logits to 1.5e-8, 1e-6 only to 1e-5).
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        # Official quirk: `proj` exists (so official checkpoints load strictly) but the official forward never
+        # applies it; released probes were trained without it and only reach their accuracy without it.
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.q(q), "b m (nh hd) -> b nh m hd", nh=self.heads)  # (B, nh, 1, hd)
+        k, v = rearrange(self.kv(x), "b n (two nh hd) -> two b nh n hd", two=2, nh=self.heads)  # (B,nh,N,hd)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, 1, hd)
+        return rearrange(out, "b nh m hd -> b m (nh hd)")  # (B, 1, D), no self.proj (see above)
+
+
+class CrossAttentionBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)  # normalises the keys/values (the encoder's tokens), not the query
+        self.xattn = CrossAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = vjepa.MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q = q + self.xattn(q, self.norm1(x))  # (B, 1, D)
+        return q + self.mlp(self.norm2(q))
+
+
+class AttentivePooler(nn.Module):
+    def __init__(self, dim: int, heads: int, depth: int = 1):
+        super().__init__()
+        self.query_tokens = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cross_attention_block = CrossAttentionBlock(dim, heads)
+        # depth > 1: V-JEPA's pooler adds self-attention blocks on the pooled query, after the cross-attention
+        # (facebookresearch/jepa; V-JEPA 2 moved them before it, onto the encoder's tokens).
+        self.blocks = nn.ModuleList(vjepa.Block(dim, heads, eps=1e-5) for _ in range(depth - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.cross_attention_block(self.query_tokens.expand(len(x), -1, -1), x)  # (B, 1, D)
+        for blk in self.blocks:
+            q = blk(q)
+        return q
+
+
+class AttentiveClassifier(nn.Module):
+    def __init__(self, dim: int, heads: int, num_classes: int, depth: int = 1):
+        super().__init__()
+        self.pooler = AttentivePooler(dim, heads, depth)
+        self.linear = nn.Linear(dim, num_classes)
+        # Official init: the pooler's Linears and query ~ N(0, 0.02), each residual branch's last layer
+        # divided by sqrt(2 * layer); `linear` keeps PyTorch's default init (the official code leaves it).
+        vjepa.init_weights(self.pooler)
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.pooler.query_tokens, std=0.02)
+            xblock = self.pooler.cross_attention_block
+            branches = [(xblock.xattn.proj, xblock.mlp), *((b.attn.proj, b.mlp) for b in self.pooler.blocks)]
+            for layer, (proj, mlp) in enumerate(branches, start=1):
+                proj.weight.div_(math.sqrt(2.0 * layer))
+                mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.pooler(x).squeeze(1))  # (B, N, D) -> (B, C)
+
+
+def load_probe(path: str | Path, enc_cfg: vjepa.ModelConfig, depth: int = 1) -> AttentiveClassifier:
+    """An official-format probe checkpoint {"classifier": {"module.pooler.*", "module.linear.*"}}."""
+    ckpt = vjepa.read_checkpoint(path)
+    if not (isinstance(ckpt, dict) and "module.linear.weight" in ckpt.get("classifier", {})):
+        found = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not an attentive-probe checkpoint: expected {{'classifier': "
+                         f"{{'module.pooler.*', 'module.linear.*'}}}}, found keys {found}")
+    state = vjepa.strip_prefix(ckpt["classifier"], "module.")
+    clf = AttentiveClassifier(enc_cfg.dim, enc_cfg.heads, state["linear.weight"].shape[0], depth)
+    vjepa.load_strict(clf, state, f"probe {path}", enc_cfg)  # names the first mismatching key and shapes
+    return clf
+
+
+def save_probe(path: Path, clf: AttentiveClassifier, epoch: int, cfg: "ProbeConfig"):
+    """The official layout (keys prefixed "module."), so the official code reads it too, plus our config."""
+    state = {"module." + k: v for k, v in clf.state_dict().items()}
+    torch.save({"classifier": state, "epoch": epoch, "probe_config": asdict(cfg)}, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Multi-view evaluation (official): the segments of one view go through the encoder separately and
+#    their token maps are concatenated along tokens (nothing added between them) into one probe input;
+#    class probabilities are averaged over views after the softmax.
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+    """(B, V, S, 3, T, H, W) clips -> (B, V, S*N, D) probe inputs."""
+    B, V, S = clips.shape[:3]
+    x = encoder(rearrange(clips, "b v s c t h w -> (b v s) c t h w"))  # (B*V*S, N, D)
+    return rearrange(x, "(b v s) n d -> b v (s n) d", b=B, v=V, s=S)  # (B, V, S*N, D)
+
+
+def predict(classifier: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """(B, V, N', D) -> (B, C): the mean over views of each view's softmax."""
+    logits = classifier(rearrange(feats, "b v n d -> (b v) n d"))  # (B*V, C)
+    return rearrange(logits.float().softmax(-1), "(b v) c -> b v c", b=len(feats)).mean(1)  # (B, C)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Config and command line
+
+
+@dataclass
+class ProbeConfig:
+    # Backbone: the target encoder of a checkpoint, frozen
+    checkpoint: str = ""  # train.py's ckpt.pt, or an official pretraining checkpoint (then also --size)
+    size: str = ""  # preset of an official checkpoint, or of the encoder of --random-init
+    random_init: bool = False  # random weights of the same preset: the floor a pretrained encoder must beat
+    # Data
+    data: str = "synthetic"  # synthetic (built in), videos (--train-list, --val-list), images (--*-dir)
+    label: str = "appearance"  # synthetic data: the label to predict
+    synthetic_train: int = 1024  # synthetic clips (train and val use different seeds: no clip is shared)
+    synthetic_val: int = 256
+    train_list: str = ""  # official format: one "path label" per line
+    val_list: str = ""
+    train_dir: str = ""  # root/<class>/<image>; images are repeated along time
+    val_dir: str = ""
+    frame_step: int = 4
+    segments: int = 1  # temporal segments per validation video (K400: 8, SSv2: 2)
+    views: int = 1  # spatial views per segment (3 in the paper)
+    train_fraction: float = 1.0  # keep this fraction of each class's training items (label efficiency)
+    # Probe
+    probe_checkpoint: str = ""  # start from a released probe (with --epochs 0: only evaluate it)
+    depth: int = 1
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3  # AdamW, cosine to 0 over the run (official schedule)
+    weight_decay: float | None = None  # None: 0.01 for video, 0.001 for images (official configs)
+    # Run
+    out: str = "runs/probe"
+    seed: int = 0
+    workers: int = 0  # DataLoader processes (real video wants several)
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+
+CHOICES = {"size": ["", *PRESETS], "data": ["synthetic", "videos", "images"],
+           "label": list(data.SyntheticVideos.LABELS)}
+
+
+def parse_args(argv: list[str] | None = None) -> ProbeConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    for f in fields(ProbeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            continue
+        kind = f.type.__args__[0] if isinstance(f.type, types.UnionType) else f.type  # float | None -> float
+        p.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name),
+                       help=f"(default {f.default!r})")
+    return ProbeConfig(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Data. Every item becomes (clips (V, S, 3, T, H, W), label, error); an unreadable video gives
+#    clips=None and data.py's message, so it is counted and reported, never silently dropped.
+
+
+class ProbeItems(Dataset):
+    def __init__(self, ds, indices: list[int], train: bool, cfg: ProbeConfig):
+        self.ds, self.indices, self.train, self.cfg = ds, indices, train, cfg
+        self.augment = train and cfg.data != "synthetic"  # real data: random crops and flips (official)
+        self.epoch = 0  # seeds the augmentation; set before each epoch's DataLoader starts its workers
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j, cfg = self.indices[i], self.cfg
+        try:
+            if isinstance(self.ds, data.VideoList) and not self.train:
+                return self.ds.eval_views(j, cfg.segments, cfg.views), self.ds.items[j][1], None
+            if self.augment:  # one augmented view per video and epoch
+                clip, y = self.ds.load(j, np.random.default_rng([cfg.seed, self.epoch, j]))
+            else:
+                clip, y = self.ds[j]
+            return clip[None, None], y, None  # (1, 1, 3, T, H, W)
+        except data.DataError as e:
+            return None, -1, str(e)
+
+
+def collate(samples):
+    ok = [s for s in samples if s[0] is not None]
+    clips = torch.stack([s[0] for s in ok]) if ok else None  # (B, V, S, 3, T, H, W)
+    return clips, torch.tensor([s[1] for s in ok], dtype=torch.long), [s[2] for s in samples if s[0] is None]
+
+
+def labels_of(ds, cfg: ProbeConfig, num_classes: int) -> list[int]:
+    """Every item's label, checked against the probe's classes (without decoding anything)."""
+    if isinstance(ds, data.SyntheticVideos):
+        labels = [ds.labels(i)[ds.LABELS.index(cfg.label)] for i in range(len(ds))]
+    else:
+        labels = [y for _, y in ds.items]
+    for i, y in enumerate(labels):
+        if not 0 <= y < num_classes:
+            where = f"synthetic item {i}" if isinstance(ds, data.SyntheticVideos) else \
+                ds.where(i) if isinstance(ds, data.VideoList) else ds.items[i][0]
+            raise ValueError(f"{where}: label {y} is outside the probe's {num_classes} classes "
+                             f"[0, {num_classes})")
+    return labels
+
+
+def stratified_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
+    """A random `fraction` of each class's indices (at least one per class), sorted: label efficiency."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    by_class, g, keep = defaultdict(list), torch.Generator().manual_seed(seed), []
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    for y in sorted(by_class):
+        idx = by_class[y]
+        keep += [idx[j] for j in torch.randperm(len(idx), generator=g)[:max(1, round(fraction * len(idx)))]]
+    return sorted(keep)
+
+
+def make_datasets(cfg: ProbeConfig, ec: vjepa.ModelConfig, training: bool):
+    """(train dataset or None, val dataset), at the encoder's frames and image size."""
+    T, px = ec.frames, ec.img_size
+    if cfg.data != "videos" and (cfg.segments, cfg.views) != (1, 1):
+        raise ValueError("--segments and --views apply to video lists (--data videos) only")
+    if cfg.data == "synthetic":
+        return (data.SyntheticVideos(cfg.synthetic_train, T, px, seed=cfg.seed, label=cfg.label),
+                data.SyntheticVideos(cfg.synthetic_val, T, px, seed=cfg.seed + 1, label=cfg.label))
+    kind = "list" if cfg.data == "videos" else "dir"
+    train_src, val_src = getattr(cfg, f"train_{kind}"), getattr(cfg, f"val_{kind}")
+    if not val_src or (training and not train_src):
+        raise ValueError(f"--data {cfg.data} needs --val-{kind}, and --train-{kind} unless --epochs 0")
+
+    def make(src, train):
+        if cfg.data == "videos":
+            return data.VideoList(src, T, cfg.frame_step, px, train=train)
+        return data.ImageFolder(src, T, px, train=train)
+
+    train, val = (make(train_src, True) if training else None), make(val_src, False)
+    if cfg.data == "images" and train is not None and train.classes != val.classes:
+        raise ValueError(f"{train_src} and {val_src} hold different class folders")
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Backbone, features, training, evaluation
+
+
+def load_backbone(cfg: ProbeConfig) -> vjepa.Encoder:
+    if cfg.checkpoint:  # vjepa raises clear errors: not a V-JEPA checkpoint, wrong preset, missing file
+        enc = vjepa.load_target_encoder(cfg.checkpoint, cfg.size or None)
+    elif cfg.random_init and cfg.size:
+        enc = vjepa.Encoder(PRESETS[cfg.size])
+    else:
+        raise ValueError("give --checkpoint (plus --size for an official one), or --random-init --size NAME")
+    if cfg.random_init:  # same preset, fresh weights, initialised as the trainer does
+        torch.manual_seed(cfg.seed)
+        vjepa.init_weights(enc)
+    return enc.eval().requires_grad_(False)
+
+
+def stream(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, epoch=0):
+    """Yields (feats (B, V, S*N, D) or None, labels (B,), errors) straight from the frozen encoder."""
+    items.epoch = epoch
+    per_batch = cfg.batch_size if items.train else max(1, cfg.batch_size // (cfg.views * cfg.segments))
+    loader = DataLoader(items, per_batch, shuffle=items.train, collate_fn=collate, num_workers=cfg.workers,
+                        generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    for clips, labels, errors in tqdm(loader, desc="train" if items.train else "val", leave=False):
+        feats = None
+        if clips is not None:
+            with amp:  # not around the yield: autocast is global state and would leak into the caller
+                feats = encode(encoder, clips.to(device))
+        yield feats, labels.to(device), errors
+
+
+def feature_source(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, cached: bool):
+    """A function epoch -> iterator of (feats, labels, errors) batches. Cached: the encoder runs once here and
+    later epochs reshuffle the stored features; else every epoch decodes and encodes (new augmentations)."""
+    if not cached:
+        return lambda epoch=0: stream(encoder, items, cfg, device, amp, epoch)
+    out = list(stream(encoder, items, cfg, device, amp))
+    errors = [e for _, _, es in out for e in es]
+    if all(f is None for f, _, _ in out):
+        raise ValueError(f"no item could be read (first error: {errors[0]})")
+    feats, labels = torch.cat([f for f, _, _ in out if f is not None]), torch.cat([y for _, y, _ in out])
+    print(f"{'train' if items.train else 'val'} features {tuple(feats.shape)} cached "
+          f"({feats.numel() * feats.element_size() / 2**30:.2f} GiB)")
+
+    def batches(epoch=0):
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(len(labels), generator=g) if items.train else torch.arange(len(labels))
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size].to(feats.device)
+            yield feats[idx], labels[idx], (errors if i == 0 else [])  # the unreadable ones, once per pass
+    return batches
+
+
+@torch.no_grad()
+def evaluate(classifier, batches, num_classes: int, amp) -> dict:
+    """Top-1 (and top-5) in percent over the readable videos; unreadable ones are counted and listed."""
+    classifier.eval()
+    probs, labels, errors = [torch.zeros(0, num_classes)], [torch.zeros(0, dtype=torch.long)], []
+    for feats, y, errs in batches:
+        errors += errs
+        if feats is not None:
+            with amp:
+                probs.append(predict(classifier, feats).cpu())
+            labels.append(y.cpu())
+    probs, labels = torch.cat(probs), torch.cat(labels)
+    top = probs.topk(min(5, num_classes), dim=1).indices  # (M, 5)
+    n, hits = len(labels), (top[:, 0] == labels).sum().item()
+    res = {"top1": 100 * hits / max(n, 1), "readable": n, "unreadable": len(errors),
+           "top1_unreadable_as_wrong": 100 * hits / max(n + len(errors), 1),
+           "denominator": "top1/top5: readable videos only; top1_unreadable_as_wrong: all videos",
+           "unreadable_errors": errors}
+    if num_classes > 5:
+        res["top5"] = 100 * (top == labels[:, None]).any(1).sum().item() / max(n, 1)
+    return res | {"pred": top[:, 0].tolist(), "label": labels.tolist()}
+
+
+def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd: float, amp):
+    """AdamW; lr and weight decay follow the official cosines (lr -> 0, wd -> 1e-6), stepped before each
+    update; no decay on biases and 1-D parameters; gradients clipped at norm 1 (all as the official code).
+    Yields (epoch, mean loss, train top-1, messages of the unreadable training videos) after each epoch."""
+    params = list(classifier.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "decay": True},
+                             {"params": [p for p in params if p.ndim <= 1], "decay": False}], foreach=True)
+    total, step = cfg.epochs * steps_per_epoch, 0
+    for epoch in range(cfg.epochs):
+        classifier.train()
+        losses, correct, seen, errors = [], 0, 0, []
+        for feats, y, errs in batches(epoch):
+            errors += errs
+            if feats is None:
+                continue
+            step += 1
+            cosine = 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * cosine
+                g["weight_decay"] = 1e-6 + (wd - 1e-6) * cosine if g["decay"] else 0.0
+            with amp:
+                logits = classifier(feats[:, 0])  # training items hold one view: (B, N, D) -> (B, C)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            correct, seen = correct + (logits.argmax(1) == y).sum().item(), seen + len(y)
+        yield epoch, float(np.mean(losses)), 100 * correct / max(seen, 1), errors
+
+
+def save_confusion(path: Path, pred: list[int], label: list[int], num_classes: int, names=None):
+    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's plotting backend alone
+
+    cm = np.zeros((num_classes, num_classes), dtype=int)
+    np.add.at(cm, (label, pred), 1)  # rows: true class, columns: predicted
+    fig = Figure(figsize=(2 + 0.4 * num_classes, 1.5 + 0.4 * num_classes))
+    ax = fig.subplots()
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), c in np.ndenumerate(cm):
+        ax.text(j, i, c, ha="center", va="center", fontsize=7, color="white" if c > cm.max() / 2 else "black")
+    ax.set(xticks=range(num_classes), yticks=range(num_classes), xlabel="predicted", ylabel="true",
+           title=f"top-1 {100 * np.trace(cm) / max(cm.sum(), 1):.1f}% ({cm.sum()} videos)")
+    if names is not None and len(names) == num_classes:
+        ax.set_xticklabels(names, rotation=90)
+        ax.set_yticklabels(names)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The whole evaluation: notebooks call probe(ProbeConfig(...)); the command line calls main().
+
+
+def probe(cfg: ProbeConfig) -> dict:
+    t_start = time.time()
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if cfg.epochs == 0 and not cfg.probe_checkpoint:
+        raise ValueError("--epochs 0 evaluates a trained probe: give --probe-checkpoint")
+    encoder = load_backbone(cfg).to(device)
+    ec, training = encoder.cfg, cfg.epochs > 0
+    train_ds, val_ds = make_datasets(cfg, ec, training)
+    torch.manual_seed(cfg.seed)
+    if cfg.probe_checkpoint:
+        classifier = load_probe(cfg.probe_checkpoint, ec, cfg.depth)
+    else:
+        n = train_ds.num_classes[cfg.label] if cfg.data == "synthetic" else train_ds.num_classes
+        classifier = AttentiveClassifier(ec.dim, ec.heads, n, cfg.depth)
+    num_classes = classifier.linear.out_features
+    classifier.to(device)
+    labels_of(val_ds, cfg, num_classes)  # fail now on a label out of range, not after the training
+    # The encoder is frozen, so the unaugmented synthetic features are the same every epoch: computed once.
+    cached = cfg.data == "synthetic"
+    val_items = ProbeItems(val_ds, range(len(val_ds)), False, cfg)
+    val_batches = feature_source(encoder, val_items, cfg, device, amp, cached)
+    history, train_errors = [], []
+    if training:
+        train_labels = labels_of(train_ds, cfg, num_classes)
+        keep = stratified_subset(train_labels, cfg.train_fraction, cfg.seed)
+        train_items = ProbeItems(train_ds, keep, True, cfg)
+        train_batches = feature_source(encoder, train_items, cfg, device, amp, cached)
+        wd = cfg.weight_decay if cfg.weight_decay is not None else (1e-3 if cfg.data == "images" else 1e-2)
+        print(f"probe: {len(keep)} of {len(train_labels)} training items, {num_classes} classes, "
+              f"{cfg.epochs} epochs, lr {cfg.lr:g}, wd {wd:g}, {vjepa.preset_name(ec)} encoder on {device}")
+        steps = math.ceil(len(keep) / cfg.batch_size)
+        for epoch, loss, train_top1, errors in train_epochs(classifier, train_batches, steps, cfg, wd, amp):
+            row, train_errors = {"epoch": epoch + 1, "loss": loss, "train_top1": train_top1}, errors
+            if cached or epoch + 1 == cfg.epochs:  # a streamed validation costs an encoder pass: at the end
+                row["val_top1"] = evaluate(classifier, val_batches(), num_classes, amp)["top1"]
+            history.append(row)
+            val = f" | val top1 {row['val_top1']:5.1f}" if "val_top1" in row else ""
+            print(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {loss:.4f} | train top1 {train_top1:5.1f}{val}")
+    res = evaluate(classifier, val_batches(), num_classes, amp)
+    pred, label = res.pop("pred"), res.pop("label")
+    res |= {"classes": num_classes, "encoder": vjepa.preset_name(ec), "history": history,
+            "train_unreadable": train_errors, "seconds": time.time() - t_start, "config": asdict(cfg)}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if training:
+        save_probe(out / "probe.pth.tar", classifier, cfg.epochs, cfg)
+    if num_classes <= 20:
+        names = getattr(val_ds, "classes", None) if cfg.data != "synthetic" else \
+            {"appearance": data.APPEARANCES, "motion": data.MOTIONS}[cfg.label]
+        save_confusion(out / "confusion.png", pred, label, num_classes, names)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    top5 = f", top-5 {res['top5']:.2f}%" if "top5" in res else ""
+    print(f"val top-1 {res['top1']:.2f}%{top5} over {res['readable']} readable videos; results in {out}/")
+    if res["unreadable"] or train_errors:
+        print(f"unreadable videos: {res['unreadable']} in validation, NOT in that denominator (top-1 "
+              f"counting them as wrong: {res['top1_unreadable_as_wrong']:.2f}%); {len(train_errors)} skipped "
+              f"in training; listed in results.json")
+    return res
+
+
+def main(argv: list[str] | None = None):
+    cfg = parse_args(argv)
+    try:
+        probe(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad input (data.DataError is a ValueError): no traceback
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
