@@ -1,0 +1,164 @@
+"""The paper's findings at laptop scale: features vs pixels, multi-block vs random tube, label efficiency.
+
+    python experiments.py            # all of it on a 2-core CPU, resumable: runs/findings/results.json
+    python experiments.py --quick    # a smoke run of the whole pipeline in a minute
+
+Same encoder (tiny), same data (the built-in synthetic videos), same steps, same probe, several seeds. Arms:
+    features     V-JEPA: predict the EMA encoder's features, multi-block masks   (paper section 3)
+    pixels       the pixel-reconstruction baseline: same masks, MSE to normalised tubelet pixels (section 4.1)
+    tube         V-JEPA with random-tube masking at the same masking ratio as multi-block  (section 4.3)
+    random       a randomly initialised encoder: the floor every probe must beat
+Every arm is probed on both label sets (appearance: readable from one frame, like K400; motion: needs
+time, like SSv2); features, pixels and random also with 5/10/50/100% of the probe's training labels.
+Each finished run and probe is recorded in results.json at once, so an interrupted run continues where it
+stopped (a half-trained encoder resumes from its checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+import masking
+import probe
+import train
+import vjepa
+
+
+@dataclass
+class ExperimentConfig:
+    out: str = "runs/findings"
+    seeds: int = 3
+    steps: int = 300  # pretraining steps per encoder (batch 16: 4,800 clips, ~4 min on 2 cores)
+    fractions: str = "0.05,0.1,0.5,1.0"  # label-efficiency points
+    probe_epochs: int = 15
+    synthetic_train: int = 1024  # probe training clips (8 classes: 128 per class at 100%, 6 at 5%)
+    synthetic_val: int = 512
+    quick: bool = False  # a smoke run: 2 steps, 1 seed, tiny probes
+
+
+ARMS = {"features": {"target": "features", "masking": "multiblock"},
+        "pixels": {"target": "pixels", "masking": "multiblock"},
+        "tube": {"target": "features", "masking": "tube"},
+        "random": None}
+LABEL_EFFICIENCY_ARMS = ("features", "pixels", "random")
+
+
+def matched_tube_ratio(grid, samples: int = 200) -> float:
+    """The mean fraction of tokens multi-block masking hides (over both generators), so that the random-tube
+    arm hides as much: a comparison of mask shape, not of mask ratio."""
+    masker = masking.MultiBlockMasker(grid)
+    n = grid[0] * grid[1] * grid[2]
+    hidden = [t.shape[1] / n for s in range(samples) for _, t in masker(16, s)]
+    return float(np.mean(hidden))
+
+
+def run(cfg: ExperimentConfig) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"probes": {}, "runs": {}}
+    seeds = range(1 if cfg.quick else cfg.seeds)
+    fractions = [1.0] if cfg.quick else [float(f) for f in cfg.fractions.split(",")]
+    steps = 2 if cfg.quick else cfg.steps
+    ratio = matched_tube_ratio(vjepa.PRESETS["tiny"].grid)
+    results["tube_ratio"] = ratio
+    started = time.time()
+
+    def save():
+        results_path.write_text(json.dumps(results, indent=1))
+
+    for seed in seeds:
+        for arm, spec in ARMS.items():
+            ckpt = out / f"{arm}_s{seed}" / "ckpt.pt"
+            if spec is not None and f"{arm}_s{seed}" not in results["runs"]:
+                tcfg = train.recipe("tiny", **spec, tube_ratio=ratio, steps=steps, seed=seed,
+                                    out=str(ckpt.parent), log_every=50, save_every=50, resume=ckpt.exists())
+                res = train.train(tcfg)
+                last = res["losses"][-1] if res["losses"] else None
+                results["runs"][f"{arm}_s{seed}"] = {"final_loss": last}
+                save()
+            memo = {}  # this encoder's frozen features, shared by its probes (see probe.feature_source)
+            for label in ("appearance", "motion"):
+                for frac in fractions if arm in LABEL_EFFICIENCY_ARMS else [1.0]:
+                    key = f"{arm}|{label}|{frac}|s{seed}"
+                    if key in results["probes"]:
+                        continue
+                    pcfg = probe.ProbeConfig(
+                        checkpoint="" if spec is None else str(ckpt), size="tiny" if spec is None else "",
+                        random_init=spec is None, label=label, train_fraction=frac, seed=seed,
+                        epochs=1 if cfg.quick else cfg.probe_epochs, batch_size=64,
+                        synthetic_train=64 if cfg.quick else cfg.synthetic_train,
+                        synthetic_val=32 if cfg.quick else cfg.synthetic_val,
+                        out=str(out / "probes" / key.replace("|", "_")))
+                    results["probes"][key] = probe.probe(pcfg, memo)["top1"]
+                    save()
+    results["seconds_this_session"] = time.time() - started
+    results["summary"] = summarise(results["probes"])
+    save()
+    plot_label_efficiency(results["summary"], out / "label_efficiency.png")
+    print(table(results["summary"]))
+    return results
+
+
+def summarise(probes: dict) -> dict:
+    """{"arm|label|fraction": {"mean", "std", "n"}} over seeds."""
+    groups: dict[str, list[float]] = {}
+    for key, top1 in probes.items():
+        groups.setdefault(key.rsplit("|", 1)[0], []).append(top1)
+    return {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            for k, v in sorted(groups.items())}
+
+
+def table(summary: dict) -> str:
+    rows = ["| arm | appearance top-1 | motion top-1 |", "|---|---|---|"]
+    for arm in ARMS:
+        cells = []
+        for label in ("appearance", "motion"):
+            s = summary.get(f"{arm}|{label}|1.0")
+            cells.append(f"{s['mean']:.1f} ± {s['std']:.1f} (n={s['n']})" if s else "-")
+        rows.append(f"| {arm} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
+def plot_label_efficiency(summary: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, label in zip(axes, ("appearance", "motion")):
+        for arm in LABEL_EFFICIENCY_ARMS:
+            pts = sorted((float(k.split("|")[2]), v) for k, v in summary.items()
+                         if k.startswith(f"{arm}|{label}|"))
+            if pts:
+                x = [100 * p for p, _ in pts]
+                ax.errorbar(x, [v["mean"] for _, v in pts], yerr=[v["std"] for _, v in pts], marker="o",
+                            capsize=3, label=arm)
+        ax.set(xscale="log", xlabel="% of probe training labels", title=f"{label} label")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("probe top-1 (%)")
+    axes[1].legend()
+    fig.suptitle("Label efficiency of frozen tiny encoders (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> ExperimentConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(ExperimentConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type={"int": int, "str": str}[f.type], default=f.default)
+    return ExperimentConfig(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    run(parse_args())
