@@ -81,12 +81,14 @@ def random_crop_box(h: int, w: int, rng: np.random.Generator, scale, ratio) -> t
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def augment(frames: torch.Tensor, size: int, rng: np.random.Generator, crop=VIDEO_CROP) -> torch.Tensor:
+def augment(frames: torch.Tensor, size: int, rng: np.random.Generator, crop=VIDEO_CROP,
+            flip: bool = True) -> torch.Tensor:
     """Training view of uint8 (T, 3, H, W) frames: one random-resized-crop box for every frame, resized to
-    size x size, a horizontal flip with p=0.5 -> (3, T, size, size) normalised."""
+    size x size, a horizontal flip with p=0.5 (unless flip=False) -> (3, T, size, size) normalised."""
     top, left, ch, cw = random_crop_box(*frames.shape[2:], rng, *crop)
     frames = resize(frames[:, :, top:top + ch, left:left + cw], (size, size))  # (T, 3, size, size)
-    return to_clip(frames.flip(3) if rng.random() < 0.5 else frames)
+    flipped = rng.random() < 0.5  # drawn either way, so flip=False leaves the crops of a seed unchanged
+    return to_clip(frames.flip(3) if flip and flipped else frames)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,9 +290,10 @@ class VideoList(torch.utils.data.Dataset):
     """
 
     def __init__(self, list_path, frames: int = 16, frame_step: int = 4, img_size: int = 224,
-                 train: bool = True):
+                 train: bool = True, flip: bool = True):
         self.list_path, self.frames, self.frame_step = Path(list_path), frames, frame_step
-        self.img_size, self.train = img_size, train
+        # flip=False for probes: the official probe training does not flip (SSv2 has left/right classes)
+        self.img_size, self.train, self.flip = img_size, train, flip
         if not self.list_path.is_file():
             raise DataError(f"{self.list_path}: list file not found")
         lines = self.list_path.read_text().splitlines()
@@ -321,7 +324,7 @@ class VideoList(torch.utils.data.Dataset):
         span = self.frames * self.frame_step
         frames = decode(self.items[index][0], self.where(index), lambda n: window_indices(
             n, int(rng.integers(0, max(n - span, 0) + 1)), self.frames, self.frame_step))  # (T, H, W, 3)
-        return augment(to_frames(frames), self.img_size, rng), self.items[index][1]
+        return augment(to_frames(frames), self.img_size, rng, flip=self.flip), self.items[index][1]
 
     def eval_views(self, index: int, segments: int, views: int) -> torch.Tensor:
         """(views, segments, 3, T, S, S), S = img_size: windows centred in `segments` equal parts of the

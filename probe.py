@@ -278,7 +278,7 @@ def make_datasets(cfg: ProbeConfig, ec: vjepa.ModelConfig, training: bool):
 
     def make(src, train):
         if cfg.data == "videos":
-            return data.VideoList(src, T, cfg.frame_step, px, train=train)
+            return data.VideoList(src, T, cfg.frame_step, px, train=train, flip=False)  # official: no flip
         return data.ImageFolder(src, T, px, train=train)
 
     train, val = (make(train_src, True) if training else None), make(val_src, False)

@@ -312,6 +312,21 @@ def test_training_view_takes_a_random_window_anywhere(videos):
     assert torch.equal(vl[1][0], vl[1][0])  # __getitem__ seeds from the index
 
 
+def test_probe_view_never_flips(videos):
+    """flip=False (probe training, as the official probe: SSv2 has left/right classes) keeps the same
+    windows and crops and never mirrors; the pretraining view mirrors about half the clips."""
+    flipping = VideoList(videos / "list.txt", frames=8, frame_step=4, img_size=32)
+    plain = VideoList(videos / "list.txt", frames=8, frame_step=4, img_size=32, flip=False)
+    mirrored = 0
+    for seed in range(8):
+        a, _ = flipping.load(1, np.random.default_rng(seed))
+        b, _ = plain.load(1, np.random.default_rng(seed))
+        assert torch.equal(a, b) or torch.equal(a, b.flip(3))
+        mirrored += not torch.equal(a, b)
+        assert (unnormalise(b)[2].mean(dim=(0, 1)).diff() > 0).all()  # blue rises left to right: not mirrored
+    assert 0 < mirrored < 8
+
+
 def test_eval_views_segments_and_crops(videos):
     vl = VideoList(videos / "list.txt", frames=8, frame_step=4, img_size=32)
     views = vl.eval_views(1, segments=2, views=3)
