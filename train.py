@@ -247,11 +247,12 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     main_proc = rank == 0
     say = print if main_proc else (lambda *a, **k: None)
     mc = model_config(cfg)
+    masker = make_masker(cfg, mc)  # bad options and a bad data list fail here, before building the model
+    dataset = None if cfg.benchmark else make_dataset(cfg, mc)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = VJEPA(mc).to(device)
-    model.encoder.grad_checkpointing = model.predictor.grad_checkpointing = cfg.checkpoint_act
+    model.encoder.grad_checkpointing = cfg.checkpoint_act  # the context encoder holds most activations
     opt = make_optimizer(model, device)
-    masker = make_masker(cfg, mc)
     out = Path(cfg.out)
     ckpt_path = out / "ckpt.pt"
     start, extra = 0, {"bad_clips": 0}
@@ -272,7 +273,6 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     if cfg.benchmark:
         return benchmark(cfg, model, step_fn, opt, masker, amp, device, say)
 
-    dataset = make_dataset(cfg, mc)
     loader = data.make_train_loader(dataset, masker, cfg.batch_size, start, cfg.steps, seed=cfg.seed,
                                     rank=rank, world_size=world, workers=cfg.workers)
     out.mkdir(parents=True, exist_ok=True)
@@ -473,5 +473,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 if __name__ == "__main__":
     try:
         train(parse_args())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C
         sys.exit(130)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input, divergence: no traceback
+        sys.exit(f"error: {e}")

@@ -252,3 +252,12 @@ def test_ablation_options_train(tmp_path, option):
     assert ckpt["model_config"]["target"] == option.get("target", "features")
     assert ckpt["model_config"]["num_mask_tokens"] == (1 if "masking" in option else 2)
     assert vjepa.load_target_encoder(tmp_path / "run/ckpt.pt").cfg.dim == vjepa.PRESETS["tiny"].dim
+
+
+def test_command_line_errors_are_messages_not_tracebacks(tmp_path):
+    for args, message in ((["--data", str(tmp_path / "missing.txt")], "list file not found"),
+                          (["--masking", "blocks"], "masking must be 'multiblock' or 'tube'"),
+                          (["--truncation", "latest"], "truncation must be 'official' or 'random'")):
+        res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out", str(tmp_path)],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr
