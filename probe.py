@@ -283,7 +283,7 @@ def make_datasets(cfg: ProbeConfig, ec: vjepa.ModelConfig, training: bool):
 
     def make(src, train):
         if cfg.data == "videos":
-            return data.VideoList(src, T, cfg.frame_step, px, train=train)
+            return data.VideoList(src, T, cfg.frame_step, px, train=train, flip=False)  # official: no flip
         return data.ImageFolder(src, T, px, train=train)
 
     train, val = (make(train_src, True) if training else None), make(val_src, False)
@@ -309,11 +309,12 @@ def load_backbone(cfg: ProbeConfig) -> vjepa.Encoder:
     return enc.eval().requires_grad_(False)
 
 
-def stream(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, epoch=0):
+def stream(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, epoch=0, shuffle=None):
     """Yields (feats (B, V, S*N, D) or None, labels (B,), errors) straight from the frozen encoder."""
     items.epoch = epoch
     per_batch = cfg.batch_size if items.train else max(1, cfg.batch_size // (cfg.views * cfg.segments))
-    loader = DataLoader(items, per_batch, shuffle=items.train, collate_fn=collate, num_workers=cfg.workers,
+    shuffle = items.train if shuffle is None else shuffle
+    loader = DataLoader(items, per_batch, shuffle=shuffle, collate_fn=collate, num_workers=cfg.workers,
                         generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
     for clips, labels, errors in tqdm(loader, desc="train" if items.train else "val", leave=False):
         feats = None
@@ -323,18 +324,29 @@ def stream(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, epoch=0):
         yield feats, labels.to(device), errors
 
 
-def feature_source(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, cached: bool):
+def feature_source(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, cached: bool,
+                   memo: dict | None = None, keep: list[int] | None = None):
     """A function epoch -> iterator of (feats, labels, errors) batches. Cached: the encoder runs once here and
-    later epochs reshuffle the stored features; else every epoch decodes and encodes (new augmentations)."""
+    later epochs reshuffle the stored features; else every epoch decodes and encodes (new augmentations).
+    memo: features of ALL items, kept across probe() calls on the same backbone and data (experiments.py
+    probes one encoder at several label fractions); `keep` then selects the training subset."""
     if not cached:
         return lambda epoch=0: stream(encoder, items, cfg, device, amp, epoch)
-    out = list(stream(encoder, items, cfg, device, amp))
-    errors = [e for _, _, es in out for e in es]
-    if all(f is None for f, _, _ in out):
-        raise ValueError(f"no item could be read (first error: {errors[0]})")
-    feats, labels = torch.cat([f for f, _, _ in out if f is not None]), torch.cat([y for _, y, _ in out])
-    print(f"{'train' if items.train else 'val'} features {tuple(feats.shape)} cached "
-          f"({feats.numel() * feats.element_size() / 2**30:.2f} GiB)")
+    key = ("train" if items.train else "val", cfg.label)
+    if memo is None or key not in memo:
+        out = list(stream(encoder, items, cfg, device, amp, shuffle=False))  # batches() shuffles later
+        errors = [e for _, _, es in out for e in es]
+        if all(f is None for f, _, _ in out):
+            raise ValueError(f"no item could be read (first error: {errors[0]})")
+        feats, labels = torch.cat([f for f, _, _ in out if f is not None]), torch.cat([y for _, y, _ in out])
+        print(f"{'train' if items.train else 'val'} features {tuple(feats.shape)} cached "
+              f"({feats.numel() * feats.element_size() / 2**30:.2f} GiB)")
+        if memo is not None:
+            memo[key] = feats, labels, errors
+    else:
+        feats, labels, errors = memo[key]
+    if keep is not None:  # synthetic items are all readable: row i is item i
+        feats, labels = feats[keep], labels[keep]
 
     def batches(epoch=0):
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -423,7 +435,9 @@ def save_confusion(path: Path, pred: list[int], label: list[int], num_classes: i
 # 6. The whole evaluation: notebooks call probe(ProbeConfig(...)); the command line calls main().
 
 
-def probe(cfg: ProbeConfig) -> dict:
+def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
+    """Train (or load) a probe on the frozen encoder and evaluate it. memo: a dict the caller keeps for one
+    backbone, so that repeated probes of it (other label fractions) reuse its frozen features."""
     t_start = time.time()
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
@@ -445,13 +459,17 @@ def probe(cfg: ProbeConfig) -> dict:
     # The encoder is frozen, so the unaugmented synthetic features are the same every epoch: computed once.
     cached = cfg.data == "synthetic"
     val_items = ProbeItems(val_ds, range(len(val_ds)), False, cfg)
-    val_batches = feature_source(encoder, val_items, cfg, device, amp, cached)
+    val_batches = feature_source(encoder, val_items, cfg, device, amp, cached, memo)
     history, train_errors = [], []
     if training:
         train_labels = labels_of(train_ds, cfg, num_classes)
         keep = stratified_subset(train_labels, cfg.train_fraction, cfg.seed)
-        train_items = ProbeItems(train_ds, keep, True, cfg)
-        train_batches = feature_source(encoder, train_items, cfg, device, amp, cached)
+        if memo is not None and cached:  # extract every item once, select the fraction from the memo
+            train_items = ProbeItems(train_ds, list(range(len(train_ds))), True, cfg)
+            train_batches = feature_source(encoder, train_items, cfg, device, amp, cached, memo, keep)
+        else:
+            train_items = ProbeItems(train_ds, keep, True, cfg)
+            train_batches = feature_source(encoder, train_items, cfg, device, amp, cached)
         wd = cfg.weight_decay if cfg.weight_decay is not None else (1e-3 if cfg.data == "images" else 1e-2)
         print(f"probe: {len(keep)} of {len(train_labels)} training items, {num_classes} classes, "
               f"{cfg.epochs} epochs, lr {cfg.lr:g}, wd {wd:g}, {vjepa.preset_name(ec)} encoder on {device}")

@@ -271,3 +271,18 @@ def test_command_line_is_generated_from_the_config():
     for bad in (["--bogus", "1"], ["--epochs", "x"], ["--size", "vitz"], ["--label", "colour"]):
         with pytest.raises(SystemExit):
             probe.parse_args(bad)
+
+
+def test_memo_reuses_features_and_gives_the_same_result(tmp_path):
+    """experiments.py probes one encoder at several label fractions: with a memo the frozen features are
+    extracted once, and the probe result is the one a fresh call gives."""
+    base = {"size": "tiny", "random_init": True, "synthetic_train": 48, "synthetic_val": 16, "epochs": 2,
+            "batch_size": 16, "train_fraction": 0.5, "out": str(tmp_path)}
+    memo = {}
+    first = probe.probe(probe.ProbeConfig(**base), memo=memo)
+    assert set(memo) == {("train", "appearance"), ("val", "appearance")}
+    assert memo[("train", "appearance")][0].shape[0] == 48  # all items, not the 50% subset
+    again = probe.probe(probe.ProbeConfig(**base), memo=memo)
+    fresh = probe.probe(probe.ProbeConfig(**base))
+    assert first["top1"] == again["top1"] == fresh["top1"]
+    assert [h["loss"] for h in again["history"]] == pytest.approx([h["loss"] for h in fresh["history"]])
