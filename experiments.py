@@ -36,7 +36,7 @@ class ExperimentConfig:
     seeds: int = 3
     steps: int = 300  # pretraining steps per encoder (batch 16: 4,800 clips, ~4 min on 2 cores)
     fractions: str = "0.05,0.1,0.5,1.0"  # label-efficiency points
-    probe_epochs: int = 15
+    probe_epochs: int = 10
     synthetic_train: int = 1024  # probe training clips (8 classes: 128 per class at 100%, 6 at 5%)
     synthetic_val: int = 512
     quick: bool = False  # a smoke run: 2 steps, 1 seed, tiny probes

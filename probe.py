@@ -332,7 +332,7 @@ def feature_source(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, ca
     probes one encoder at several label fractions); `keep` then selects the training subset."""
     if not cached:
         return lambda epoch=0: stream(encoder, items, cfg, device, amp, epoch)
-    key = ("train" if items.train else "val", cfg.label)
+    key = "train" if items.train else "val"  # synthetic features do not depend on the label set
     if memo is None or key not in memo:
         out = list(stream(encoder, items, cfg, device, amp, shuffle=False))  # batches() shuffles later
         errors = [e for _, _, es in out for e in es]
@@ -342,9 +342,11 @@ def feature_source(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, ca
         print(f"{'train' if items.train else 'val'} features {tuple(feats.shape)} cached "
               f"({feats.numel() * feats.element_size() / 2**30:.2f} GiB)")
         if memo is not None:
-            memo[key] = feats, labels, errors
+            memo[key] = feats, errors
     else:
-        feats, labels, errors = memo[key]
+        feats, errors = memo[key]
+        ds, which = items.ds, data.SyntheticVideos.LABELS.index(cfg.label)
+        labels = torch.tensor([ds.labels(i)[which] for i in items.indices], device=feats.device)
     if keep is not None:  # synthetic items are all readable: row i is item i
         feats, labels = feats[keep], labels[keep]
 

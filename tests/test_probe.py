@@ -280,9 +280,12 @@ def test_memo_reuses_features_and_gives_the_same_result(tmp_path):
             "batch_size": 16, "train_fraction": 0.5, "out": str(tmp_path)}
     memo = {}
     first = probe.probe(probe.ProbeConfig(**base), memo=memo)
-    assert set(memo) == {("train", "appearance"), ("val", "appearance")}
-    assert memo[("train", "appearance")][0].shape[0] == 48  # all items, not the 50% subset
+    assert set(memo) == {"train", "val"}
+    assert memo["train"][0].shape[0] == 48  # all items, not the 50% subset
     again = probe.probe(probe.ProbeConfig(**base), memo=memo)
     fresh = probe.probe(probe.ProbeConfig(**base))
     assert first["top1"] == again["top1"] == fresh["top1"]
     assert [h["loss"] for h in again["history"]] == pytest.approx([h["loss"] for h in fresh["history"]])
+    motion = {**base, "label": "motion"}  # the other label set reuses the features too
+    with_memo = probe.probe(ProbeConfig(**motion), memo=memo)["top1"]
+    assert with_memo == probe.probe(ProbeConfig(**motion))["top1"]
