@@ -158,13 +158,15 @@ def test_loss_is_l1_to_layernormed_full_clip_targets():
 
 
 def test_loss_falls_on_a_fixed_batch():
-    model, cfg = tiny_model()
+    cfg = replace(PRESETS["tiny"], depth=1, pred_depth=1)
+    torch.manual_seed(0)
+    model = VJEPA(cfg)
     torch.manual_seed(1)
-    clip = torch.randn(4, 3, cfg.frames, cfg.img_size, cfg.img_size)
-    masks = MultiBlockMasker(cfg.grid)(4, step=0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    clip = torch.randn(2, 3, cfg.frames, cfg.img_size, cfg.img_size)
+    masks = MultiBlockMasker(cfg.grid)(2, step=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     losses = []
-    for _ in range(200):
+    for _ in range(100):  # measured: mean loss of the first 10 steps 0.62, of the last 10 0.09
         loss = model(clip, masks)["loss"]
         opt.zero_grad()
         loss.backward()
