@@ -386,19 +386,17 @@ def format_row(r: dict) -> str:
 
 
 def plot_losses(out: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's inline backend alone
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set(xlabel="step", ylabel="L1 loss (mean over mask generators)", title=f"V-JEPA training: {out.name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------
