@@ -180,6 +180,7 @@ class ProbeConfig:
     epochs: int = 20
     batch_size: int = 256
     lr: float = 1e-3  # AdamW, cosine to 0 over the run (official schedule)
+    val_every: int = 1  # validate every N epochs (cached synthetic features); the last epoch always
     weight_decay: float | None = None  # None: 0.01 for video, 0.001 for images (official configs)
     # Run
     out: str = "runs/probe"
@@ -478,7 +479,8 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
         steps = math.ceil(len(keep) / cfg.batch_size)
         for epoch, loss, train_top1, errors in train_epochs(classifier, train_batches, steps, cfg, wd, amp):
             row, train_errors = {"epoch": epoch + 1, "loss": loss, "train_top1": train_top1}, errors
-            if cached or epoch + 1 == cfg.epochs:  # a streamed validation costs an encoder pass: at the end
+            last = epoch + 1 == cfg.epochs  # a streamed validation costs an encoder pass: only at the end
+            if last or (cached and (epoch + 1) % cfg.val_every == 0):
                 row["val_top1"] = evaluate(classifier, val_batches(), num_classes, amp)["top1"]
             history.append(row)
             val = f" | val top1 {row['val_top1']:5.1f}" if "val_top1" in row else ""
