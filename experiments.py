@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
+import data
 import masking
 import probe
 import train
@@ -73,6 +75,8 @@ def run(cfg: ExperimentConfig) -> dict:
     results["tube_ratio"] = ratio
     results["config"] = asdict(cfg)
     started = time.time()
+    shown = data.SyntheticVideos(32 if cfg.quick else 256, seed=99)  # clips no probe trains or tests on
+    diagnostic_clips = torch.stack([shown[i][0] for i in range(len(shown))])
 
     def save():
         results_path.write_text(json.dumps(results, indent=1))
@@ -86,6 +90,11 @@ def run(cfg: ExperimentConfig) -> dict:
                 res = train.train(tcfg)
                 last = res["losses"][-1] if res["losses"] else None
                 results["runs"][f"{arm}_s{seed}"] = {"final_loss": last}
+                save()
+            if f"{arm}_s{seed}" not in results.setdefault("feature_stats", {}):
+                random_cfg = probe.ProbeConfig(size="tiny", random_init=True, seed=seed)
+                encoder = vjepa.load_target_encoder(ckpt) if spec else probe.load_backbone(random_cfg)
+                results["feature_stats"][f"{arm}_s{seed}"] = feature_diagnostics(encoder, diagnostic_clips)
                 save()
             memo = {}  # this encoder's frozen features, shared by its probes (see probe.feature_source)
             for label in ("appearance", "motion"):
@@ -107,7 +116,7 @@ def run(cfg: ExperimentConfig) -> dict:
     results["summary"] = summarise(results["probes"])
     save()
     plot_label_efficiency(results["summary"], out / "label_efficiency.png")
-    print(table(results["summary"]))
+    print(table(results["summary"], results["feature_stats"]))
     return results
 
 
@@ -121,6 +130,22 @@ def probe_epochs(cfg: ExperimentConfig, fraction: float) -> int:
     return max(1, round(cfg.probe_steps / per_epoch))
 
 
+@torch.no_grad()
+def feature_diagnostics(encoder: vjepa.Encoder, clips: torch.Tensor) -> dict:
+    """What a frozen encoder's token features (the probe's input) vary with, on a batch of clips:
+    position_share  fraction of the features' variance explained by the token position alone (the mean
+                    feature map over clips): 1 would mean every clip gives the same map
+    effective_rank  exp(entropy) of the normalised singular values of the rest (the clip-dependent part):
+                    how many directions the content spreads over (at most D)"""
+    f = encoder.eval()(clips).double()  # (B, N, D)
+    content = f - f.mean(0)  # what changes from clip to clip at a fixed position
+    total = (f - f.mean((0, 1))).pow(2).sum()
+    s = torch.linalg.svdvals(content.flatten(0, 1))
+    p = s / s.sum()
+    return {"position_share": float(1 - content.pow(2).sum() / total),
+            "effective_rank": float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum()))}
+
+
 def summarise(probes: dict) -> dict:
     """{"arm|label|fraction": {"mean", "std", "n"}} over seeds."""
     groups: dict[str, list[float]] = {}
@@ -130,14 +155,17 @@ def summarise(probes: dict) -> dict:
             for k, v in sorted(groups.items())}
 
 
-def table(summary: dict) -> str:
-    rows = ["| arm | appearance top-1 | motion top-1 |", "|---|---|---|"]
+def table(summary: dict, stats: dict) -> str:
+    rows = ["| arm | appearance top-1 | motion top-1 | position share | effective rank |", "|---" * 5 + "|"]
     for arm in ARMS:
         cells = []
         for label in ("appearance", "motion"):
             s = summary.get(f"{arm}|{label}|1.0")
             cells.append(f"{s['mean']:.1f} ± {s['std']:.1f} (n={s['n']})" if s else "-")
-        rows.append(f"| {arm} | {cells[0]} | {cells[1]} |")
+        for stat, d in (("position_share", 2), ("effective_rank", 0)):
+            v = [s[stat] for k, s in stats.items() if k.rsplit("_s", 1)[0] == arm]
+            cells.append(f"{np.mean(v):.{d}f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.{d}f}" if v else "-")
+        rows.append("| " + " | ".join([arm, *cells]) + " |")
     return "\n".join(rows)
 
 

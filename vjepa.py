@@ -23,7 +23,7 @@ Shape legend
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -191,8 +191,13 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def preset_name(cfg: ModelConfig) -> str:
-    """The preset a config equals (for messages), or 'custom'."""
-    return next((name for name, p in PRESETS.items() if p == cfg), "custom")
+    """The preset a config's networks equal (for messages), or 'custom'. The training objective (target,
+    number of mask tokens) does not change the encoder, so a pixel-target tiny model is still 'tiny'."""
+    return next((name for name, p in PRESETS.items() if same_networks(cfg, p)), "custom")
+
+
+def same_networks(a: ModelConfig, b: ModelConfig) -> bool:
+    return replace(a, target=b.target, num_mask_tokens=b.num_mask_tokens) == b
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -458,7 +463,7 @@ def load_target_encoder(path: str | Path, cfg: ModelConfig | str | None = None) 
         own = ModelConfig(**ckpt["model_config"])
         if cfg is not None:
             want = PRESETS[cfg] if isinstance(cfg, str) else cfg
-            if want != own:
+            if not same_networks(own, want):  # the encoder is what is loaded: the objective may differ
                 raise ValueError(f"{path} holds a '{preset_name(own)}' model ({own}), not the requested "
                                  f"'{preset_name(want)}'")
         enc = Encoder(own)

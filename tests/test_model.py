@@ -84,6 +84,19 @@ def test_wrong_size_checkpoint_names_preset_key_and_shapes(reference):
         vjepa.load_official(reference / "official_small_checkpoint.pth.tar", "tiny")
 
 
+def test_backbone_of_a_pixel_target_or_tube_model_loads_as_its_preset(tmp_path):
+    """The objective (target, mask tokens) does not change the encoder: such a tiny model is still 'tiny'."""
+    from dataclasses import asdict
+    cfg = replace(PRESETS["tiny"], target="pixels", num_mask_tokens=1)
+    model = VJEPA(cfg)
+    torch.save({"model_config": asdict(cfg), "model": model.state_dict()}, tmp_path / "ckpt.pt")
+    enc = vjepa.load_target_encoder(tmp_path / "ckpt.pt", "tiny")
+    assert torch.equal(enc.patch_embed.proj.weight, model.target_encoder.patch_embed.proj.weight)
+    assert vjepa.preset_name(cfg) == "tiny" and vjepa.preset_name(replace(cfg, depth=3)) == "custom"
+    with pytest.raises(ValueError, match="holds a 'tiny' model"):
+        vjepa.load_target_encoder(tmp_path / "ckpt.pt", "vitl16")
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         vjepa.load_official(tmp_path / "nope.pth.tar", "tiny")
