@@ -75,8 +75,7 @@ def run(cfg: ExperimentConfig) -> dict:
     results["tube_ratio"] = ratio
     results["config"] = asdict(cfg)
     started = time.time()
-    shown = data.SyntheticVideos(32 if cfg.quick else 256, seed=99)  # clips no probe trains or tests on
-    diagnostic_clips = torch.stack([shown[i][0] for i in range(len(shown))])
+    diagnostic_clips = None  # made when first needed (a resumed run may have every diagnostic already)
 
     def save():
         results_path.write_text(json.dumps(results, indent=1))
@@ -91,9 +90,13 @@ def run(cfg: ExperimentConfig) -> dict:
                 last = res["losses"][-1] if res["losses"] else None
                 results["runs"][f"{arm}_s{seed}"] = {"final_loss": last}
                 save()
+            # the frozen backbone, as probe.py reads it: this arm's target encoder, or a random tiny encoder
+            backbone = {"checkpoint": str(ckpt)} if spec else {"size": "tiny", "random_init": True}
             if f"{arm}_s{seed}" not in results.setdefault("feature_stats", {}):
-                random_cfg = probe.ProbeConfig(size="tiny", random_init=True, seed=seed)
-                encoder = vjepa.load_target_encoder(ckpt) if spec else probe.load_backbone(random_cfg)
+                if diagnostic_clips is None:
+                    shown = data.SyntheticVideos(32 if cfg.quick else 256, seed=99)  # never probed on
+                    diagnostic_clips = torch.stack([shown[i][0] for i in range(len(shown))])
+                encoder = probe.load_backbone(probe.ProbeConfig(**backbone, seed=seed))
                 results["feature_stats"][f"{arm}_s{seed}"] = feature_diagnostics(encoder, diagnostic_clips)
                 save()
             memo = {}  # this encoder's frozen features, shared by its probes (see probe.feature_source)
@@ -104,8 +107,7 @@ def run(cfg: ExperimentConfig) -> dict:
                         continue
                     epochs = probe_epochs(cfg, frac)
                     pcfg = probe.ProbeConfig(
-                        checkpoint="" if spec is None else str(ckpt), size="tiny" if spec is None else "",
-                        random_init=spec is None, label=label, train_fraction=frac, seed=seed,
+                        **backbone, label=label, train_fraction=frac, seed=seed,
                         epochs=epochs, val_every=epochs, lr=cfg.probe_lr, batch_size=BATCH,
                         synthetic_train=64 if cfg.quick else cfg.synthetic_train,
                         synthetic_val=32 if cfg.quick else cfg.synthetic_val,

@@ -191,12 +191,13 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def preset_name(cfg: ModelConfig) -> str:
-    """The preset a config's networks equal (for messages), or 'custom'. The training objective (target,
-    number of mask tokens) does not change the encoder, so a pixel-target tiny model is still 'tiny'."""
-    return next((name for name, p in PRESETS.items() if same_networks(cfg, p)), "custom")
+    """The preset whose size a config has (for messages), or 'custom'."""
+    return next((name for name, p in PRESETS.items() if same_size(cfg, p)), "custom")
 
 
-def same_networks(a: ModelConfig, b: ModelConfig) -> bool:
+def same_size(a: ModelConfig, b: ModelConfig) -> bool:
+    """Equal in every field but the training objective (target, number of mask tokens), which leaves the
+    encoder unchanged: a pixel-target or random-tube tiny model is still 'tiny'."""
     return replace(a, target=b.target, num_mask_tokens=b.num_mask_tokens) == b
 
 
@@ -463,7 +464,7 @@ def load_target_encoder(path: str | Path, cfg: ModelConfig | str | None = None) 
         own = ModelConfig(**ckpt["model_config"])
         if cfg is not None:
             want = PRESETS[cfg] if isinstance(cfg, str) else cfg
-            if not same_networks(own, want):  # the encoder is what is loaded: the objective may differ
+            if not same_size(own, want):  # only the encoder is loaded: the objective may differ
                 raise ValueError(f"{path} holds a '{preset_name(own)}' model ({own}), not the requested "
                                  f"'{preset_name(want)}'")
         enc = Encoder(own)

@@ -1,6 +1,6 @@
 """Claims about vjepa.py: it computes the official function, counts the official parameters, and trains."""
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -86,7 +86,6 @@ def test_wrong_size_checkpoint_names_preset_key_and_shapes(reference):
 
 def test_backbone_of_a_pixel_target_or_tube_model_loads_as_its_preset(tmp_path):
     """The objective (target, mask tokens) does not change the encoder: such a tiny model is still 'tiny'."""
-    from dataclasses import asdict
     cfg = replace(PRESETS["tiny"], target="pixels", num_mask_tokens=1)
     model = VJEPA(cfg)
     torch.save({"model_config": asdict(cfg), "model": model.state_dict()}, tmp_path / "ckpt.pt")
