@@ -100,6 +100,11 @@ TEXTURES = ("solid", "striped")
 APPEARANCES = tuple(f"{t} {s}" for s in SHAPES for t in TEXTURES)  # class = 2 * shape + texture
 MOTIONS = ("right", "left", "down", "up", "clockwise", "anticlockwise", "sway left-right", "sway up-down")
 MIRRORED_MOTION = (1, 0, 2, 3, 5, 4, 6, 7)  # the motion class of a horizontally flipped clip
+# Two scenes. "clean" (the laptop default) is a large object over a still background, so that predicting a
+# hidden region means knowing where the object is and where it goes; "cluttered" adds what is
+# unpredictable in pixels (a drifting background, distractor blobs, per-pixel noise) around a smaller object.
+SCENES = {"clean": {"radius": (0.19, 0.35), "drift": False, "blobs": False, "noise": False},
+          "cluttered": {"radius": (0.12, 0.22), "drift": True, "blobs": True, "noise": True}}
 
 
 class SyntheticVideos(torch.utils.data.Dataset):
@@ -123,10 +128,13 @@ class SyntheticVideos(torch.utils.data.Dataset):
     LABELS = ("appearance", "motion")
 
     def __init__(self, size: int, frames: int = 8, img_size: int = 64, seed: int = 0,
-                 label: str = "appearance"):
+                 label: str = "appearance", scene: str = "clean"):
         if label not in self.LABELS:
             raise ValueError(f"label must be one of {self.LABELS}, got {label!r}")
+        if scene not in SCENES:
+            raise ValueError(f"scene must be one of {tuple(SCENES)}, got {scene!r}")
         self.size, self.frames, self.img_size, self.seed, self.label = size, frames, img_size, seed, label
+        self.scene = scene
         self.num_classes = {"appearance": len(APPEARANCES), "motion": len(MOTIONS)}
 
     def __len__(self) -> int:
@@ -142,8 +150,8 @@ class SyntheticVideos(torch.utils.data.Dataset):
 
     def render(self, index: int, appearance: int, motion: int) -> np.ndarray:
         """(3, T, H, W) float32 in [0, 1]: the scene of `index` (all its random draws) with these classes."""
-        T, S = self.frames, self.img_size
-        rng = np.random.default_rng([self.seed, index, 0])
+        T, S, scene = self.frames, self.img_size, SCENES[self.scene]
+        rng = np.random.default_rng([self.seed, index, 0])  # every draw is made in every scene and class
         t, grid = np.arange(T, dtype=np.float32), np.arange(S, dtype=np.float32)
 
         def offsets(cy, cx):  # (..., T) centres -> (..., T, S, 1), (..., T, 1, S) signed offsets on the torus
@@ -156,6 +164,7 @@ class SyntheticVideos(torch.utils.data.Dataset):
         g = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((S, S))) * lowpass, s=(S, S))  # (S, S)
         g = np.tile(((g - g.min()) / np.ptp(g)).astype(np.float32), (2, 2))  # (2S, 2S), periodic
         shifts = np.round(rng.uniform(-0.04, 0.04, size=(2, 1)) * S * t).astype(int) % S  # (2, T)
+        shifts *= scene["drift"]  # a still background: the same shift (none) in every frame
         g = np.stack([g[dy:dy + S, dx:dx + S] for dy, dx in shifts.T])  # (T, S, S)
         c0, c1 = rng.uniform(0.15, 0.85, size=(2, 3, 1, 1, 1)).astype(np.float32)
         img = c0 + (c1 - c0) * g  # (3, T, S, S)
@@ -167,10 +176,11 @@ class SyntheticVideos(torch.utils.data.Dataset):
         alpha = rng.uniform(0.5, 0.9, size=(k, 1, 1, 1)).astype(np.float32)
         alpha = alpha * np.exp(-dy**2 / two_var) * np.exp(-dx**2 / two_var)  # (k, T, S, S), separable
         for a, colour in zip(alpha, rng.uniform(0, 1, size=(k, 3, 1, 1, 1)).astype(np.float32)):
-            img += a * (colour - img)  # (3, T, S, S), "over" compositing
+            if scene["blobs"]:
+                img += a * (colour - img)  # (3, T, S, S), "over" compositing
         # the object: its frame-0 state, then the parameters of every motion, whichever one it has
         y0, x0, angle0 = rng.uniform(0, S), rng.uniform(0, S), rng.uniform(0, 2 * np.pi)
-        radius = rng.uniform(0.12, 0.22) * S
+        radius = rng.uniform(*scene["radius"]) * S
         colour = np.float32(0.5 + 0.45 * np.cos(2 * np.pi * (rng.uniform() + np.arange(3) / 3)))  # any hue
         speed, spin = rng.uniform(0.02, 0.05) * S, rng.uniform(0.15, 0.35)  # px / frame, radians / frame
         amplitude, period, phase = rng.uniform(0.08, 0.15) * S, rng.uniform(4, 8), rng.uniform(0, 2 * np.pi)
@@ -192,7 +202,9 @@ class SyntheticVideos(torch.utils.data.Dataset):
             dark = inside & ((u * 2.5 + 10).astype(int) % 2 == 1)
             np.copyto(img, 0.3 * colour[:, None, None, None], where=dark)
         # uniform noise shared by the channels: as unpredictable as Gaussian noise, and cheaper
-        img += np.float32(rng.uniform(0.05, 0.25)) * (rng.random((T, S, S), dtype=np.float32) - 0.5)
+        noise = np.float32(rng.uniform(0.05, 0.25)) * (rng.random((T, S, S), dtype=np.float32) - 0.5)
+        if scene["noise"]:
+            img += noise
         return np.clip(img, 0, 1, out=img)
 
     def sample(self, index: int) -> tuple[torch.Tensor, dict[str, int]]:

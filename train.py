@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -62,6 +63,7 @@ class TrainConfig:
     truncation: str = "official"  # "official" (drop the latest tokens) or "random" (masking.equalise)
     # Data
     synthetic_size: int = 100_000  # distinct synthetic videos per epoch
+    scene: str = "clean"  # synthetic scene (data.SCENES): "clean" or "cluttered"
     frame_step: int = 4  # real video: 16 frames at stride 4 cover 64 frames
     workers: int = 0  # DataLoader worker processes per GPU (real video wants several: see README)
     max_bad_fraction: float = 0.05  # stop when more than this fraction of videos fail to decode
@@ -156,7 +158,8 @@ def make_optimizer(model: VJEPA, device: torch.device) -> torch.optim.AdamW:
 
 def make_dataset(cfg: TrainConfig, mc: ModelConfig):
     if cfg.data == "synthetic":
-        return data.SyntheticVideos(cfg.synthetic_size, frames=mc.frames, img_size=mc.img_size, seed=cfg.seed)
+        return data.SyntheticVideos(cfg.synthetic_size, frames=mc.frames, img_size=mc.img_size, seed=cfg.seed,
+                                    scene=cfg.scene)
     return data.VideoList(cfg.data, frames=mc.frames, frame_step=cfg.frame_step, img_size=mc.img_size,
                           train=True)
 
@@ -315,7 +318,8 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
                 dt = time.perf_counter() - t_log
                 row = {"step": done, "loss": sum(vals) / len(vals), "lr": lr, "wd": wd, "ema": m,
                        "ctx": [c.shape[1] for c, _ in masks], "tgt": [t.shape[1] for _, t in masks],
-                       "clips_per_s": clips_since / dt, "bad_clips": extra["bad_clips"]}
+                       "clips_per_s": clips_since / dt, "bad_clips": extra["bad_clips"],
+                       "pred_std": res["pred_std"].item(), **collapse_monitor(model, clips, amp)}
                 if device.type == "cuda":
                     row["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     if peak:
@@ -344,7 +348,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     if extra["bad_clips"]:
         say(f"skipped {extra['bad_clips']} unreadable video(s) during training (see the warnings above)")
     if main_proc:
-        plot_losses(out)
+        plot_losses(out, mc.dim)
         say(f"done: {ckpt_path} (step {done}), log {out / 'log.jsonl'}, curve {out / 'loss.png'}")
     if world > 1:
         dist.destroy_process_group()
@@ -365,6 +369,32 @@ def on_ctrl_c() -> threading.Event:
     return stop
 
 
+@torch.no_grad()
+def collapse_monitor(model: VJEPA, clips: torch.Tensor, amp) -> dict:
+    """What a student watches to see collapse coming, on the current batch (one extra target forward):
+    tgt_rank  effective rank of the targets (layer-normed target-encoder features, centred over all tokens):
+              exp(entropy) of their normalised singular values; at most D, falls when features collapse
+    tgt_lag   ||theta_bar - theta|| / ||theta|| over the encoder weights: how far the EMA target trails the
+              context encoder (near 0: it follows; large and growing: the target is still mostly its init)"""
+    with amp:
+        h = model.target_encoder(clips)  # (B, N, D)
+    h = F.layer_norm(h.float(), (h.shape[-1],)).flatten(0, 1)  # (B*N, D), as the loss sees them
+    tgt, src = list(model.target_encoder.parameters()), list(model.encoder.parameters())
+    lag = torch.stack(torch._foreach_norm(torch._foreach_sub(tgt, src))).norm()
+    lag = lag / torch.stack(torch._foreach_norm(src)).norm()
+    return {"tgt_rank": effective_rank(h), "tgt_lag": lag.item()}
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values of x (M, D) centred over its rows: D for white
+    features, 1 when every row lies on one line or all rows are equal."""
+    x = x[:: max(1, len(x) // 4096)].double()  # at most ~4,096 rows: cheap in float64 on any device
+    x = x - x.mean(0)
+    s = torch.linalg.eigvalsh(x.T @ x).clamp_min(0).sqrt()  # singular values of x, (D,)
+    p = s / s.sum().clamp_min(1e-300)  # all rows equal: p = 0, rank 1
+    return torch.exp(-(p * p.clamp_min(1e-30).log()).sum()).item()
+
+
 def check_finite(pending: list, ckpt_path: Path) -> list[float]:
     vals = torch.stack([v for _, v in pending]).tolist()
     for (s, _), v in zip(pending, vals):
@@ -377,6 +407,7 @@ def check_finite(pending: list, ckpt_path: Path) -> list[float]:
 def format_row(r: dict) -> str:
     line = (f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | wd {r['wd']:.3f} | "
             f"ema {r['ema']:.5f} | ctx {'/'.join(map(str, r['ctx']))} tgt {'/'.join(map(str, r['tgt']))} | "
+            f"rank {r['tgt_rank']:5.1f} lag {r['tgt_lag']:.3f} pred_std {r['pred_std']:.2f} | "
             f"{r['clips_per_s']:6.1f} clips/s")
     if "mfu" in r:
         line += f" | mfu {100 * r['mfu']:.1f}%"
@@ -385,18 +416,30 @@ def format_row(r: dict) -> str:
     return line
 
 
-def plot_losses(out: Path):
+def plot_losses(out: Path, dim: int | None = None):
+    """loss.png: the loss beside the collapse monitor (collapse_monitor), one point per log row."""
     from matplotlib.figure import Figure  # not pyplot: leaves a notebook's inline backend alone
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     if not rows:
         return
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set(xlabel="step", ylabel="L1 loss (mean over mask generators)", title=f"V-JEPA training: {out.name}")
-    ax.grid(alpha=0.3)
+    steps = [r["step"] for r in rows]
+    fig = Figure(figsize=(12, 3.4))
+    ax_loss, ax_rank, ax_lag = fig.subplots(1, 3)
+    ax_loss.plot(steps, [r["loss"] for r in rows])
+    ax_loss.set(xlabel="step", ylabel="loss (mean over mask generators)", title="training loss")
+    if "tgt_rank" in rows[0]:
+        ax_rank.plot(steps, [r["tgt_rank"] for r in rows], color="C1")
+        ax_rank.set(xlabel="step", ylabel="effective rank", ylim=(0, None),
+                    title="target features: effective rank" + (f" (of {dim})" if dim else ""))
+        ax_lag.plot(steps, [r["tgt_lag"] for r in rows], color="C2", label="target lag ||θ̄-θ|| / ||θ||")
+        ax_lag.plot(steps, [r["pred_std"] for r in rows], color="C3", label="spread of predictions")
+        ax_lag.set(xlabel="step", ylim=(0, None), title="EMA target lag, prediction spread")
+        ax_lag.legend(fontsize=8)
+    for ax in (ax_loss, ax_rank, ax_lag):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"V-JEPA training: {out}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
+    fig.savefig(out / "loss.png", dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -261,3 +261,32 @@ def test_command_line_errors_are_messages_not_tracebacks(tmp_path):
         res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out", str(tmp_path)],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_effective_rank_counts_directions():
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn(8192, 32, generator=g, dtype=torch.float64)
+    assert 30 < train.effective_rank(white) <= 32
+    line = torch.randn(500, 1, generator=g) * torch.randn(1, 32, generator=g)  # every row on one line
+    assert train.effective_rank(line) == pytest.approx(1.0, abs=1e-3)
+    two = torch.cat([white[:, :2], torch.zeros(8192, 30, dtype=torch.float64)], 1)
+    assert train.effective_rank(two) == pytest.approx(2.0, abs=0.05)
+
+
+def test_collapse_monitor_rank_and_lag():
+    """At init the target equals the context encoder (lag 0) and a random network's targets spread over
+    many directions; a target whose output no longer depends on the input has rank ~1 (or 0 spread)."""
+    torch.manual_seed(0)
+    model = vjepa.VJEPA(vjepa.PRESETS["tiny"])
+    clips = torch.randn(4, 3, 8, 64, 64)
+    amp = torch.autocast("cpu", enabled=False)
+    m = train.collapse_monitor(model, clips, amp)
+    assert m["tgt_lag"] == 0.0 and m["tgt_rank"] > 20
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(0.01)
+    assert train.collapse_monitor(model, clips, amp)["tgt_lag"] > 0
+    with torch.no_grad():  # collapse by hand: the last block's output no longer depends on the clip
+        model.target_encoder.norm.weight.zero_()
+        model.target_encoder.norm.bias.copy_(torch.randn(192))
+    assert train.collapse_monitor(model, clips, amp)["tgt_rank"] < 1.5
