@@ -7,8 +7,9 @@
     TrainStream        the augmented training view of (step, index); skips unreadable videos
     make_train_loader  the DataLoader train.py iterates; each batch is masking.MaskCollator's dict
 
-Frame sampling and augmentation follow SPEC section 6 (read off the official code). Every clip is float32
-(3, T, H, W), normalised with the ImageNet mean and std. Bad input raises DataError naming the file.
+Frame sampling and augmentation follow the official src/datasets/video_dataset.py and configs/pretrain/. Every
+clip is float32 (3, T, H, W), normalised with the ImageNet mean and std. Bad input raises DataError naming the
+file.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from masking import MaskCollator, rng_for
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VIDEO_CROP = ((0.3, 1.0), (0.75, 1.35))  # (area scale, aspect ratio) of the pretraining crop, SPEC section 6
+VIDEO_CROP = ((0.3, 1.0), (0.75, 1.35))  # (area scale, aspect ratio) of the pretraining crop, official
 IMAGE_CROP = ((0.08, 1.0), (3 / 4, 4 / 3))  # the usual ImageNet random-resized-crop, for image probes
 AUGMENT_STREAM, RETRY_STREAM, SAMPLER_STREAM = 7, 8, 9  # rng_for streams (the mask generators use 0, 1)
 log = logging.getLogger(__name__)

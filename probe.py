@@ -1,4 +1,4 @@
-"""Frozen evaluation of V-JEPA: an attentive probe on the frozen target encoder (paper section 4, SPEC 7).
+"""Frozen evaluation of V-JEPA: an attentive probe on the frozen target encoder (paper section 4).
 
     python probe.py --size tiny --random-init                       # the floor, built-in synthetic data
     python probe.py --checkpoint runs/tiny/ckpt.pt --label motion   # a model trained by train.py
@@ -7,9 +7,9 @@
     python probe.py --checkpoint vitl16.pth.tar --size vitl16 --data videos --segments 8 --views 3 \\
         --val-list k400_val.txt --probe-checkpoint k400-probe.pth.tar --epochs 0   # a released probe
 
-The encoder never trains: its token maps go to a small attentive probe (one learned query cross-attends to
-all tokens, then a linear layer). Writes results.json, probe.pth.tar (official format) and, for <= 20
-classes, confusion.png to --out.
+The encoder never trains: its token maps go to a small attentive probe (one learned query cross-attends to all
+tokens, then a linear layer; official src/models/attentive_pooler.py). Writes results.json, probe.pth.tar
+(official format) and, for <= 20 classes, confusion.png to --out.
 
 Shapes: B videos, V spatial views, S temporal segments, N tokens per clip, D width, C classes.
 """
@@ -38,7 +38,7 @@ from vjepa import PRESETS
 # ----------------------------------------------------------------------------------------------------
 # 1. The attentive probe. Attribute names are the official ones, so a released probe loads with a prefix
 #    strip ("module.") and a strict load. LayerNorm eps is nn.LayerNorm's default 1e-5, as the official
-#    probe (measured on ../shared/reference: 1e-5 reproduces its logits to 1.5e-8, 1e-6 only to 1e-5).
+#    probe (measured on reference/: 1e-5 reproduces its logits to 3e-8, 1e-6 only to 1e-5).
 
 
 class CrossAttention(nn.Module):

@@ -5,11 +5,11 @@
     torchrun --nproc_per_node=8 train.py --size vith16 --data lists/videomix2m.txt
     python train.py --size vitl16 --benchmark                    # step time, clips/s, TFLOP/s, peak memory
 
-One step (paper section 3, SPEC sections 4-5): masks for the batch (masking.py, drawn in the DataLoader
-workers) -> `VJEPA.forward` = targets from the EMA encoder on the full clip, context encoder + predictor per
-mask generator, L1 loss (vjepa.py) -> AdamW step with the scheduled lr / weight decay -> EMA update of the
-target encoder with the scheduled momentum. Schedules are pure functions of the step, masks and data are
-pure functions of (seed, step, rank): resuming sets the step and replays nothing.
+One step (paper section 3, official app/vjepa/train.py): masks for the batch (masking.py, drawn in the
+DataLoader workers) -> `VJEPA.forward` = targets from the EMA encoder on the full clip, context encoder +
+predictor per mask generator, L1 loss (vjepa.py) -> AdamW step with the scheduled lr / weight decay -> EMA
+update of the target encoder with the scheduled momentum. Schedules are pure functions of the step, masks and
+data are pure functions of (seed, step, rank): resuming sets the step and replays nothing.
 """
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ class TrainConfig:
     out: str = "runs/tiny"  # run folder: ckpt.pt, log.jsonl, loss.png
     steps: int = 400
     batch_size: int = 16  # per process (GPU); global batch = batch_size x world size
-    # Schedules (SPEC section 5). The official recipe stretches every schedule over horizon_scale x steps
-    # (1.25: 112,500 for 90,000 steps), so training stops before the cosine reaches its final values.
+    # Schedules (official configs/pretrain/vitl16.yaml). The official recipe stretches every schedule over
+    # horizon_scale x steps (1.25: 112,500 for 90,000 steps), so training stops before the cosine reaches its
+    # final values.
     lr: float = 1e-3
     start_lr: float = 2e-4
     final_lr: float = 1e-6
@@ -96,7 +97,7 @@ def recipe(size: str, **overrides) -> TrainConfig:
 
 # ----------------------------------------------------------------------------------------------------
 # Schedules: pure functions of the optimizer step s (counted from 0). They reproduce the official values
-# (../shared/reference/official_schedules_vitl16.json): the official schedulers are stepped once before
+# (reference/official_schedules_vitl16.json): the official schedulers are stepped once before
 # each optimizer step, so step s uses their value at count s + 1.
 
 

@@ -2,7 +2,7 @@
 
 Bardes et al., "Revisiting Feature Prediction for Learning Visual Representations from Video",
 arXiv 2404.08471 (2024). The official implementation is facebookresearch/jepa; this file is written
-from the paper and from facts read off that code (../shared/docs/SPEC.md), never copied from it.
+from the paper and from facts read off that code (file names cited where they matter), never copied from it.
 
 Symbol map (paper -> code)
     x, y            a clip split into context tokens x and target tokens y by a mask (masking.py)
@@ -33,7 +33,8 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Positions: a fixed 3D sin-cos table (SPEC section 1). No CLS token, nothing learned.
+# 1. Positions: a fixed 3D sin-cos table (official src/models/utils/pos_embs.py). No CLS token, nothing
+#    learned.
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -130,7 +131,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------
 # 4. Config and presets. Sizes follow the paper's Table; the predictor is 12 blocks of width 384 with the
-#    encoder's head count (SPEC section 2). Any preset can be rebuilt at another input size with replace().
+#    encoder's head count (official src/models/predictor.py). Any preset can be rebuilt at another input
+#    size with replace().
 
 
 @dataclass(frozen=True)
@@ -148,8 +150,8 @@ class ModelConfig:
     num_mask_tokens: int = 2  # one learned mask token per mask generator
     # LayerNorm eps of the encoder. The official ViT presets (vit_large, vit_huge: the released weights)
     # pass 1e-6; the official VisionTransformer class built directly falls back to nn.LayerNorm's 1e-5,
-    # which is what the reference small checkpoint in ../shared/reference was made with (measured: with
-    # 1e-5 our outputs match it to 4e-6, with 1e-6 only to 2.4e-5). The predictor always uses 1e-6.
+    # which is what the reference small checkpoint in reference/ was made with (measured: with 1e-5 our
+    # outputs match it to 1.6e-6, with 1e-6 only to 2.4e-5). The predictor always uses 1e-6.
     norm_eps: float = 1e-6
     # What the predictor regresses. "features": V-JEPA (L1 to the EMA encoder's layer-normed features).
     # "pixels": the paper's baseline (section 4.1), MSE to the per-tubelet normalised pixels of the targets,
@@ -307,11 +309,12 @@ class Predictor(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Initialisation. Choice (SPEC section 2): we follow what the official *trainer* effectively runs, since
-#    that produced the published numbers and released weights: every Linear ~ N(0, 0.02) truncated at +-2
-#    (absolute, so practically untruncated), biases 0, LayerNorm 1/0, Conv3d trunc-normal 0.02, mask
-#    tokens 0. The official model code's extra 1/sqrt(2*layer_id) rescaling of attn.proj and mlp.fc2 is
-#    undone by that trainer's re-initialisation, so we do not apply it (V-JEPA 2 kept it).
+# 7. Initialisation. Choice (official app/vjepa/utils.py vs the model files): we follow what the official
+#    *trainer* effectively runs, since that produced the published numbers and released weights: every Linear
+#    ~ N(0, 0.02) truncated at +-2 (absolute, so practically untruncated), biases 0, LayerNorm 1/0, Conv3d
+#    trunc-normal 0.02, mask tokens 0. The official model code's extra 1/sqrt(2*layer_id) rescaling of
+#    attn.proj and mlp.fc2 is undone by that trainer's re-initialisation, so we do not apply it (V-JEPA 2 kept
+#    it).
 
 
 @torch.no_grad()
@@ -385,7 +388,7 @@ class VJEPA(nn.Module):
 
     @torch.no_grad()
     def update_target(self, momentum: float):
-        """EMA of the context encoder: theta_bar <- m * theta_bar + (1 - m) * theta (SPEC section 4).
+        """EMA of the context encoder: theta_bar <- m * theta_bar + (1 - m) * theta (paper section 3.1).
 
         One fused multi-tensor op per line instead of a Python loop over ~300 parameters.
         """
@@ -454,7 +457,7 @@ def load_official(path: str | Path, cfg: ModelConfig | str) -> VJEPA:
 
 
 def load_target_encoder(path: str | Path, cfg: ModelConfig | str | None = None) -> Encoder:
-    """The frozen-evaluation backbone (SPEC section 4: downstream uses the target encoder's weights).
+    """The frozen-evaluation backbone (paper section 4: downstream uses the target encoder's weights).
 
     Reads this project's training checkpoints (self-describing: the config is inside, `cfg` may be None)
     and official pretraining checkpoints (`cfg` names the preset they were trained with).

@@ -272,8 +272,9 @@ def videos(tmp_path_factory):
 
 
 def test_crop_boxes_follow_the_pretraining_ranges():
-    """SPEC section 6: area U(0.3, 1) of the frame, aspect w/h log-uniform in (0.75, 1.35), inside the frame
-    (boxes that would not fit are redrawn, which on a square frame trims both aspect ends alike)."""
+    """Official pretraining crop (configs/pretrain/vitl16.yaml): area U(0.3, 1) of the frame, aspect w/h
+    log-uniform in (0.75, 1.35), inside the frame (boxes that would not fit are redrawn, which on a square
+    frame trims both aspect ends alike)."""
     rng = np.random.default_rng(0)
     top, left, h, w = np.array([random_crop_box(300, 300, rng, *VIDEO_CROP) for _ in range(2000)]).T
     area, aspect = h * w / 300**2, w / h

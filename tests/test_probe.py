@@ -16,7 +16,7 @@ import vjepa
 from probe import AttentiveClassifier, ProbeConfig
 from vjepa import ModelConfig
 
-# The official reference model (../shared/reference/README.md) and a laptop encoder for end-to-end runs:
+# The official reference model (reference/README.md) and a laptop encoder for end-to-end runs:
 # 2 frames (one tubelet) of 64 px in 8 px patches = 64 tokens, so an encoder pass costs almost nothing.
 SMALL = ModelConfig(frames=6, img_size=64, patch=16, dim=128, depth=2, heads=4, pred_dim=64, pred_depth=2)
 MINI = ModelConfig(frames=2, img_size=64, patch=8, dim=128, depth=1, heads=4, pred_dim=32, pred_depth=1)
@@ -51,7 +51,8 @@ def test_probe_reproduces_official_logits(official):
     clf, io = official
     with torch.no_grad():
         logits = clf(io["target_encoder_out"])  # (3, 5)
-    assert (logits - io["probe_logits"]).abs().max().item() < 1e-5
+    # measured 3.0e-8 on logits up to 0.07 (a few float32 rounding steps; not bit for bit: other kernels)
+    assert (logits - io["probe_logits"]).abs().max().item() < 2e-7
 
 
 def test_applying_proj_would_change_the_logits(official):

@@ -31,7 +31,8 @@ def test_schedules_equal_official(reference):
 
 
 def test_end_of_training_values():
-    """SPEC section 5: training stops at 90,000 steps with lr 7.5e-5, wd 0.366, momentum 0.9996."""
+    """The official recipe (configs/pretrain/vitl16.yaml) stops at 90,000 steps with lr 7.5e-5, wd 0.366,
+    momentum 0.9996."""
     cfg = recipe("vith16")
     assert lr_at(89_999, cfg) == pytest.approx(7.5e-5, rel=1e-3)
     assert wd_at(89_999, cfg) == pytest.approx(0.366, abs=5e-4)
