@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
+import train
 import vjepa
 from vjepa import PRESETS
 
@@ -183,10 +184,10 @@ class ProbeConfig:
     val_every: int = 1  # validate every N epochs (cached synthetic features); the last epoch always
     weight_decay: float | None = None  # None: 0.01 for video, 0.001 for images (official configs)
     # Run
-    out: str = "runs/probe"
+    out: str = ""  # results folder; default <checkpoint's run folder>/probe-<task> (see default_out)
     seed: int = 0
     workers: int = 0  # DataLoader processes (real video wants several)
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: str = "auto"  # auto: cuda, else Apple's mps, else cpu; or cpu, cuda, cuda:N, mps
 
 
 CHOICES = {"size": ["", *PRESETS], "data": ["synthetic", "videos", "images"],
@@ -383,7 +384,7 @@ def evaluate(classifier, batches, num_classes: int, amp) -> dict:
     return res | {"pred": top[:, 0].tolist(), "label": labels.tolist()}
 
 
-def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd: float, amp):
+def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd: float, amp, scaler):
     """AdamW; lr and weight decay follow the official cosines (lr -> 0, wd -> 1e-6), stepped before each
     update; no decay on biases and 1-D parameters; gradients clipped at norm 1 (all as the official code).
     Yields (epoch, mean loss, train top-1, messages of the unreadable training videos) after each epoch."""
@@ -407,9 +408,11 @@ def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd
                 logits = classifier(feats[:, 0])  # training items hold one view: (B, N, D) -> (B, C)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # fp16 (older GPUs) only: scaled, then unscaled before clipping
+            scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             losses.append(loss.item())
             correct, seen = correct + (logits.argmax(1) == y).sum().item(), seen + len(y)
         yield epoch, float(np.mean(losses)), 100 * correct / max(seen, 1), errors
@@ -442,9 +445,11 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
     """Train (or load) a probe on the frozen encoder and evaluate it. memo: a dict the caller keeps for one
     backbone, so that repeated probes of it (other label fractions) reuse its frozen features."""
     t_start = time.time()
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if cfg.device == "auto" else cfg.device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    device = train.pick_device(cfg.device)  # the same device and precision rules as train.py
+    precision = train.precision_of(device)
+    amp = train.autocast(device, precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    print(train.describe(device, cfg.device, precision))
     if cfg.epochs == 0 and not cfg.probe_checkpoint:
         raise ValueError("--epochs 0 evaluates a trained probe: give --probe-checkpoint")
     encoder = load_backbone(cfg).to(device)
@@ -474,10 +479,12 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
             train_items = ProbeItems(train_ds, keep, True, cfg)
             train_batches = feature_source(encoder, train_items, cfg, device, amp, cached)
         wd = cfg.weight_decay if cfg.weight_decay is not None else (1e-3 if cfg.data == "images" else 1e-2)
-        print(f"probe: {len(keep)} of {len(train_labels)} training items, {num_classes} classes, "
-              f"{cfg.epochs} epochs, lr {cfg.lr:g}, wd {wd:g}, {vjepa.preset_name(ec)} encoder on {device}")
+        print(f"probe: {len(keep)} of {len(train_labels)} training items, {num_classes} classes (chance "
+              f"{100 / num_classes:.1f}%), {cfg.epochs} epochs, lr {cfg.lr:g}, wd {wd:g}, "
+              f"{vjepa.preset_name(ec)} encoder")
         steps = math.ceil(len(keep) / cfg.batch_size)
-        for epoch, loss, train_top1, errors in train_epochs(classifier, train_batches, steps, cfg, wd, amp):
+        epochs = train_epochs(classifier, train_batches, steps, cfg, wd, amp, scaler)
+        for epoch, loss, train_top1, errors in epochs:
             row, train_errors = {"epoch": epoch + 1, "loss": loss, "train_top1": train_top1}, errors
             last = epoch + 1 == cfg.epochs  # a streamed validation costs an encoder pass: only at the end
             if last or (cached and (epoch + 1) % cfg.val_every == 0):
@@ -487,9 +494,10 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
             print(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {loss:.4f} | train top1 {train_top1:5.1f}{val}")
     res = evaluate(classifier, val_batches(), num_classes, amp)
     pred, label = res.pop("pred"), res.pop("label")
-    res |= {"classes": num_classes, "encoder": vjepa.preset_name(ec), "history": history,
+    res |= {"classes": num_classes, "chance_top1": 100 / num_classes, "encoder": vjepa.preset_name(ec),
+            "history": history,
             "train_unreadable": train_errors, "seconds": time.time() - t_start, "config": asdict(cfg)}
-    out = Path(cfg.out)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if training:
         save_probe(out / "probe.pth.tar", classifier, cfg.epochs, cfg)
@@ -499,12 +507,33 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
         save_confusion(out / "confusion.png", pred, label, num_classes, names)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     top5 = f", top-5 {res['top5']:.2f}%" if "top5" in res else ""
-    print(f"val top-1 {res['top1']:.2f}%{top5} over {res['readable']} readable videos; results in {out}/")
+    items = {"synthetic": "clips", "videos": "readable videos", "images": "images"}[cfg.data]
+    print(f"val top-1 {res['top1']:.2f}% (chance {100 / num_classes:.1f}%){top5} over {res['readable']} "
+          f"{items}; results in {out}/")
     if res["unreadable"] or train_errors:
         print(f"unreadable videos: {res['unreadable']} in validation, NOT in that denominator (top-1 "
               f"counting them as wrong: {res['top1_unreadable_as_wrong']:.2f}%); {len(train_errors)} skipped "
               f"in training; listed in results.json")
     return res
+
+
+def default_out(cfg: ProbeConfig) -> Path:
+    """Where a probe writes when --out is not given: one folder per backbone and task, so that probing
+    another label, list or label fraction never overwrites earlier results. runs/tiny/ckpt.pt probed for
+    motion -> runs/tiny/probe-motion; a released or official checkpoint -> runs/<its name>/probe-<task>."""
+    if cfg.random_init:
+        run = Path("runs") / f"random-{cfg.size}"
+    elif Path(cfg.checkpoint).name == "ckpt.pt":  # a run folder of train.py
+        run = Path(cfg.checkpoint).parent
+    else:
+        run = Path("runs") / Path(cfg.checkpoint).name.split(".")[0]
+    task = {"synthetic": cfg.label, "videos": Path(cfg.val_list).stem,
+            "images": "-".join(Path(cfg.val_dir).resolve().parts[-2:])}[cfg.data]
+    if cfg.train_fraction < 1:
+        task += f"-{100 * cfg.train_fraction:g}pct"
+    if cfg.epochs == 0:  # evaluating a given probe: keep apart from a trained one's results
+        task += "-eval"
+    return run / f"probe-{task}"
 
 
 def main(argv: list[str] | None = None):
