@@ -2,10 +2,13 @@
 
     python probe.py --size tiny --random-init                       # the floor, built-in synthetic data
     python probe.py --checkpoint runs/tiny/ckpt.pt --label motion   # a model trained by train.py
-    python probe.py --checkpoint vitl16.pth.tar --size vitl16 --data videos --segments 8 --views 3 \\
-        --train-list k400_train.txt --val-list k400_val.txt         # K400 16x8x3
-    python probe.py --checkpoint vitl16.pth.tar --size vitl16 --data videos --segments 8 --views 3 \\
-        --val-list k400_val.txt --probe-checkpoint k400-probe.pth.tar --epochs 0   # a released probe
+    python probe.py --checkpoint vitl16 --data videos --segments 8 --views 3 \\
+        --train-list k400_train.txt --val-list k400_val.txt         # Meta's ViT-L/16, K400 16x8x3
+    python probe.py --checkpoint vitl16 --data videos --segments 8 --views 3 \\
+        --val-list k400_val.txt --probe-checkpoint k400 --epochs 0  # Meta's K400 probe, evaluated
+
+Released names (vitl16, vith16, vith16_384; probes k400, ssv2, in1k) are downloaded once into torch's hub
+cache and reused after.
 
 The encoder never trains: its token maps go to a small attentive probe (one learned query cross-attends to all
 tokens, then a linear layer; official src/models/attentive_pooler.py). Writes results.json, probe.pth.tar
@@ -113,8 +116,20 @@ class AttentiveClassifier(nn.Module):
         return self.linear(self.pooler(x).squeeze(1))  # (B, N, D) -> (B, C)
 
 
+# Meta's released attentive probes (facebookresearch/jepa README) sit beside each RELEASED backbone:
+# .../jepa/vitl16/k400-probe.pth.tar. --probe-checkpoint k400 (ssv2, in1k) names the one of the backbone.
+RELEASED_PROBES = ("k400", "ssv2", "in1k")
+
+
 def load_probe(path: str | Path, enc_cfg: vjepa.ModelConfig, depth: int = 1) -> AttentiveClassifier:
-    """An official-format probe checkpoint {"classifier": {"module.pooler.*", "module.linear.*"}}."""
+    """An official-format probe checkpoint {"classifier": {"module.pooler.*", "module.linear.*"}}, or the
+    name of a released probe for enc_cfg's preset (downloaded once into torch's hub cache)."""
+    if str(path) in RELEASED_PROBES and not Path(path).exists():
+        preset = vjepa.preset_name(enc_cfg)
+        if preset not in vjepa.RELEASED:
+            raise ValueError(f"Meta released {path} probes for {', '.join(vjepa.RELEASED)}, not for a "
+                             f"'{preset}' encoder")
+        path = vjepa.cached_download(vjepa.RELEASED[preset].rsplit("/", 1)[0] + f"/{path}-probe.pth.tar")
     ckpt = vjepa.read_checkpoint(path)
     if not (isinstance(ckpt, dict) and "module.linear.weight" in ckpt.get("classifier", {})):
         found = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -159,7 +174,7 @@ def predict(classifier: nn.Module, feats: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ProbeConfig:
     # Backbone: the target encoder of a checkpoint, frozen
-    checkpoint: str = ""  # train.py's ckpt.pt, or an official pretraining checkpoint (then also --size)
+    checkpoint: str = ""  # train.py's ckpt.pt, an official file (then also --size), or a release: vitl16, ...
     size: str = ""  # preset of an official checkpoint, or of the encoder of --random-init
     random_init: bool = False  # random weights of the same preset: the floor a pretrained encoder must beat
     # Data
@@ -176,7 +191,7 @@ class ProbeConfig:
     views: int = 1  # spatial views per segment (3 in the paper)
     train_fraction: float = 1.0  # keep this fraction of each class's training items (label efficiency)
     # Probe
-    probe_checkpoint: str = ""  # start from a released probe (with --epochs 0: only evaluate it)
+    probe_checkpoint: str = ""  # a probe file, or k400 / ssv2 / in1k: Meta's for the backbone (--epochs 0)
     depth: int = 1
     epochs: int = 20
     batch_size: int = 256

@@ -23,6 +23,8 @@ Shape legend
 from __future__ import annotations
 
 import math
+import sys
+import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -430,7 +432,32 @@ def load_strict(module: nn.Module, state: dict, what: str, cfg: ModelConfig):
     module.load_state_dict(state, strict=True)
 
 
+# Meta's released pretraining checkpoints (facebookresearch/jepa README), by preset. Wherever a checkpoint
+# path is expected, one of these names works too: the file (several GB) is downloaded once, with a progress
+# bar, into torch's hub cache (<torch.hub.get_dir()>/checkpoints, i.e. $TORCH_HOME/hub) and reused after.
+RELEASED = {"vitl16": "https://dl.fbaipublicfiles.com/jepa/vitl16/vitl16.pth.tar",
+            "vith16": "https://dl.fbaipublicfiles.com/jepa/vith16/vith16.pth.tar",
+            "vith16_384": "https://dl.fbaipublicfiles.com/jepa/vith16-384/vith16-384.pth.tar"}
+
+
+def cached_download(url: str) -> Path:
+    """The file at `url`, fetched on first use into <hub>/checkpoints/<its folder>/<its name>."""
+    folder, name = urllib.parse.urlparse(url).path.split("/")[-2:]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / folder / name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {url} to {path} (once; later runs reuse it)", file=sys.stderr)
+        try:  # torch writes to a temporary file and renames it when complete: no half file stays behind
+            torch.hub.download_url_to_file(url, str(path), progress=True)
+        except OSError as e:  # no network, 404, disk full
+            raise ValueError(f"could not download {url}: {e}") from e
+    return path
+
+
 def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file, or a RELEASED name (downloaded on first use; a file of that name wins)."""
+    if str(path) in RELEASED and not Path(path).exists():
+        path = cached_download(RELEASED[str(path)])
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -440,10 +467,11 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"could not read checkpoint {path}: {e}") from e
 
 
-def load_official(path: str | Path, cfg: ModelConfig | str) -> VJEPA:
+def load_official(path: str | Path, cfg: ModelConfig | str | None = None) -> VJEPA:
     """Build a VJEPA for `cfg` (a ModelConfig or a preset name) and fill it from an official pretraining
-    checkpoint {"encoder", "predictor", "target_encoder", ...} with keys prefixed 'module.backbone.'."""
-    cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+    checkpoint {"encoder", "predictor", "target_encoder", ...} with keys prefixed 'module.backbone.'.
+    `path` may be a RELEASED name: load_official("vitl16") downloads Meta's ViT-L/16 once and loads it."""
+    cfg = official_config(path, cfg)
     ckpt = read_checkpoint(path)
     parts = ("encoder", "predictor", "target_encoder")
     if not isinstance(ckpt, dict) or not all(p in ckpt for p in parts):
@@ -456,11 +484,21 @@ def load_official(path: str | Path, cfg: ModelConfig | str) -> VJEPA:
     return model
 
 
+def official_config(path: str | Path, cfg: ModelConfig | str | None) -> ModelConfig:
+    """The config to build for an official checkpoint: given, or the preset a RELEASED name stands for."""
+    if cfg is None and str(path) in RELEASED:
+        cfg = str(path)
+    if cfg is None:
+        raise ValueError(f"{path} is an official checkpoint: name its preset (e.g. 'vitl16', 'vith16')")
+    return PRESETS[cfg] if isinstance(cfg, str) else cfg
+
+
 def load_target_encoder(path: str | Path, cfg: ModelConfig | str | None = None) -> Encoder:
     """The frozen-evaluation backbone (paper section 4: downstream uses the target encoder's weights).
 
     Reads this project's training checkpoints (self-describing: the config is inside, `cfg` may be None)
-    and official pretraining checkpoints (`cfg` names the preset they were trained with).
+    and official pretraining checkpoints (`cfg` names the preset they were trained with; for a RELEASED
+    name such as "vitl16" it may be None).
     """
     ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and "model_config" in ckpt and "model" in ckpt:  # ours (train.py)
@@ -476,9 +514,7 @@ def load_target_encoder(path: str | Path, cfg: ModelConfig | str | None = None) 
         load_strict(enc, state, f"{path} [target_encoder]", own)
         return enc.eval().requires_grad_(False)
     if isinstance(ckpt, dict) and "target_encoder" in ckpt:  # official
-        if cfg is None:
-            raise ValueError(f"{path} is an official checkpoint: name its preset (e.g. 'vitl16', 'vith16')")
-        cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+        cfg = official_config(path, cfg)
         enc = Encoder(cfg)
         load_strict(enc, strip_prefix(ckpt["target_encoder"]), f"{path} [target_encoder]", cfg)
         return enc.eval().requires_grad_(False)

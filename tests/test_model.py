@@ -1,6 +1,9 @@
 """Claims about vjepa.py: it computes the official function, counts the official parameters, and trains."""
+import filecmp
 import json
+import shutil
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +106,36 @@ def test_wrong_size_checkpoint_names_preset_key_and_shapes(reference):
     with pytest.raises(ValueError, match=r"preset 'tiny'.*first mismatching key '.+' has shape \(.+\) in the "
                                          r"checkpoint but \(.+\) in the model"):
         vjepa.load_official(reference / "official_small_checkpoint.pth.tar", "tiny")
+
+
+def test_released_name_downloads_once_into_the_hub_cache(reference, tmp_path, monkeypatch):
+    """load_official("vitl16") fetches Meta's file from its URL (here a file:// URL to an official-format
+    checkpoint: no network) into $TORCH_HOME/hub/checkpoints, and later calls read the cached copy."""
+    source = tmp_path / "server" / "vitl16" / "vitl16.pth.tar"
+    source.parent.mkdir(parents=True)
+    shutil.copy(reference / "official_small_checkpoint.pth.tar", source)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setitem(vjepa.RELEASED, "vitl16", source.as_uri())
+    monkeypatch.chdir(tmp_path)  # no file called "vitl16" here: the name means the release
+    cfg = ModelConfig(**SMALL, norm_eps=1e-5)  # the reference file stands in for the GB-sized ViT-L/16
+    model = vjepa.load_official("vitl16", cfg)
+    cached = tmp_path / "torch/hub/checkpoints/vitl16/vitl16.pth.tar"
+    assert filecmp.cmp(cached, source, shallow=False)
+    source.unlink()  # the server is gone: the second call must not download
+    encoder = vjepa.load_target_encoder("vitl16", cfg)
+    assert torch.equal(encoder.norm.weight, model.target_encoder.norm.weight)
+    monkeypatch.setitem(vjepa.RELEASED, "vith16", (tmp_path / "server/vith16/vith16.pth.tar").as_uri())
+    with pytest.raises(ValueError, match=r"could not download file://.*vith16.pth.tar"):
+        vjepa.load_official("vith16", cfg)
+    assert not list((tmp_path / "torch/hub/checkpoints").glob("vith16/*"))  # no partial file left behind
+
+
+def test_a_file_named_like_a_release_is_read_as_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(vjepa.RELEASED, "vitl16", "file:///nonexistent/vitl16/vitl16.pth.tar")
+    Path("vitl16").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not read checkpoint vitl16"):
+        vjepa.load_official("vitl16")
 
 
 def test_backbone_of_a_pixel_target_or_tube_model_loads_as_its_preset(tmp_path):
