@@ -477,6 +477,6 @@ def test_ssv2_list_maps_templates_to_the_released_label_indices(tmp_path):
     items = VideoList(tmp_path / "ssv2_train.txt").items
     assert [(p.name, y) for p, y in items] == [("78687.webm", 1), ("42.webm", 0)]
     (tmp_path / "bad.json").write_text(json.dumps([{"id": "7", "template": "Spinning [something]"}]))
-    with pytest.raises(SystemExit, match=r"video 7 has template 'Spinning something', which .* does not list"):
+    with pytest.raises(SystemExit, match=r"video 7 has template 'Spinning something', which .* does not"):
         data.main(["ssv2", str(tmp_path), str(tmp_path / "labels.json"), str(tmp_path / "bad.json"),
                    str(tmp_path / "x.txt")])
