@@ -6,15 +6,20 @@
     StepSampler        the dataset indices of every step: a pure function of (seed, step, rank)
     TrainStream        the augmented training view of (step, index); skips unreadable videos
     make_train_loader  the DataLoader train.py iterates; each batch is masking.MaskCollator's dict
+    folder_list, ssv2_list   list files for real datasets (`python data.py --help`)
 
-Frame sampling and augmentation follow SPEC section 6 (read off the official code). Every clip is float32
-(3, T, H, W), normalised with the ImageNet mean and std. Bad input raises DataError naming the file.
+Frame sampling and augmentation follow the official src/datasets/video_dataset.py and configs/pretrain/. Every
+clip is float32 (3, T, H, W), normalised with the ImageNet mean and std. Bad input raises DataError naming the
+file.
 """
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import av
@@ -27,7 +32,7 @@ from masking import MaskCollator, rng_for
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VIDEO_CROP = ((0.3, 1.0), (0.75, 1.35))  # (area scale, aspect ratio) of the pretraining crop, SPEC section 6
+VIDEO_CROP = ((0.3, 1.0), (0.75, 1.35))  # (area scale, aspect ratio) of the pretraining crop, official
 IMAGE_CROP = ((0.08, 1.0), (3 / 4, 4 / 3))  # the usual ImageNet random-resized-crop, for image probes
 AUGMENT_STREAM, RETRY_STREAM, SAMPLER_STREAM = 7, 8, 9  # rng_for streams (the mask generators use 0, 1)
 log = logging.getLogger(__name__)
@@ -500,3 +505,80 @@ def make_train_loader(dataset, masker, batch_size: int, start_step: int, total_s
         batch_sampler=StepSampler(len(dataset), batch_size, start_step, total_steps, seed, rank, world_size),
         collate_fn=MaskCollator(masker, rank), num_workers=workers, persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available())
+
+
+# ----------------------------------------------------------------------------------------------------
+# List files for real datasets: `path label` per line (absolute paths), the format VideoList reads.
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+
+
+def folder_list(root, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """root/<class>/**/<video> (Kinetics-400 as usually unpacked) -> ([(path, label)], class names). Labels
+    number the sorted class folders; pass the training split's `classes` when listing its validation split,
+    so that both use the same numbers."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: folder not found")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name[0] != ".")
+    classes = classes or found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{root}: class folders {unknown[:3]} are not among the {len(classes)} given classes")
+    items = [(p.resolve(), label) for label, name in enumerate(classes) if (root / name).is_dir()
+             for p in sorted((root / name).rglob("*")) if p.suffix.lower() in VIDEO_SUFFIXES]
+    if not items:
+        raise DataError(f"{root}: no {' '.join(VIDEO_SUFFIXES)} file under its class folders")
+    return items, classes
+
+
+def ssv2_list(videos, labels_json, split_json) -> list[tuple[Path, int]]:
+    """Something-Something v2 as released: <videos>/<id>.webm, labels.json {"template": "index"} and a
+    split file (train.json or validation.json) [{"id", "template", ...}]. The split's templates carry
+    brackets ("Putting [something] on a surface"), the label file's do not."""
+    labels = json.loads(Path(labels_json).read_text())
+    items = []
+    for entry in json.loads(Path(split_json).read_text()):
+        template = entry["template"].replace("[", "").replace("]", "")
+        if template not in labels:
+            raise DataError(f"{split_json}: video {entry['id']} has template {template!r}, which "
+                            f"{labels_json} does not list")
+        items.append(((Path(videos) / f"{entry['id']}.webm").resolve(), int(labels[template])))
+    return items
+
+
+def write_list(path, items: list[tuple[Path, int]]):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(f"{p} {label}\n" for p, label in items))
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description="Write a list file (`path label` per line) for train.py and "
+                                                 "probe.py from a dataset as it is usually unpacked.")
+    sub = parser.add_subparsers(dest="kind", required=True)
+    folders = sub.add_parser("folders", help="root/<class>/<video>: labels number the sorted class folders")
+    folders.add_argument("root", help="e.g. kinetics400/train")
+    folders.add_argument("out", help="the list file to write; the class names go beside it (.classes.txt)")
+    folders.add_argument("--classes", help="the training list's .classes.txt, when listing another split")
+    ssv2 = sub.add_parser("ssv2", help="Something-Something v2: <id>.webm videos and the released JSON files")
+    ssv2.add_argument("videos", help="the folder of <id>.webm files")
+    ssv2.add_argument("labels", help="labels.json (template -> class index)")
+    ssv2.add_argument("split", help="train.json or validation.json")
+    ssv2.add_argument("out", help="the list file to write")
+    args = parser.parse_args(argv)
+    try:
+        if args.kind == "folders":
+            given = Path(args.classes).read_text().splitlines() if args.classes else None
+            items, classes = folder_list(args.root, given)
+            write_list(args.out, items)
+            Path(args.out).with_suffix(".classes.txt").write_text("\n".join(classes) + "\n")
+        else:
+            items = ssv2_list(args.videos, args.labels, args.split)
+            write_list(args.out, items)
+    except (DataError, OSError, KeyError, json.JSONDecodeError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out}: {len(items)} videos, {len({y for _, y in items})} classes")
+
+
+if __name__ == "__main__":
+    main()

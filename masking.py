@@ -1,8 +1,8 @@
 """Masks for V-JEPA: which tokens the context encoder sees and which ones the predictor must fill in.
 
-Multi-block 3D masking (paper section 3.2, SPEC section 3). Each mask generator samples a few spatial
-blocks on the h x w token grid; a block spans every time step (a "tube"), so the model cannot copy a
-target from a neighbouring frame. Targets = the union of the blocks, context = its complement.
+Multi-block 3D masking (paper section 3.2, official src/masks/multiblock3d.py). Each mask generator samples a
+few spatial blocks on the h x w token grid; a block spans every time step (a "tube"), so the model cannot copy
+a target from a neighbouring frame. Targets = the union of the blocks, context = its complement.
 Two generators per clip:
     short-range: 8 blocks x 15% of the frame     long-range: 2 blocks x 70% of the frame
 Random-tube masking (the paper's ablation) keeps a random set of spatial positions for all t.

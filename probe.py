@@ -1,15 +1,18 @@
-"""Frozen evaluation of V-JEPA: an attentive probe on the frozen target encoder (paper section 4, SPEC 7).
+"""Frozen evaluation of V-JEPA: an attentive probe on the frozen target encoder (paper section 4).
 
     python probe.py --size tiny --random-init                       # the floor, built-in synthetic data
     python probe.py --checkpoint runs/tiny/ckpt.pt --label motion   # a model trained by train.py
-    python probe.py --checkpoint vitl16.pth.tar --size vitl16 --data videos --segments 8 --views 3 \\
-        --train-list k400_train.txt --val-list k400_val.txt         # K400 16x8x3
-    python probe.py --checkpoint vitl16.pth.tar --size vitl16 --data videos --segments 8 --views 3 \\
-        --val-list k400_val.txt --probe-checkpoint k400-probe.pth.tar --epochs 0   # a released probe
+    python probe.py --checkpoint vitl16 --data videos --segments 8 --views 3 \\
+        --train-list k400_train.txt --val-list k400_val.txt         # Meta's ViT-L/16, K400 16x8x3
+    python probe.py --checkpoint vitl16 --data videos --segments 8 --views 3 \\
+        --val-list k400_val.txt --probe-checkpoint k400 --epochs 0  # Meta's K400 probe, evaluated
 
-The encoder never trains: its token maps go to a small attentive probe (one learned query cross-attends to
-all tokens, then a linear layer). Writes results.json, probe.pth.tar (official format) and, for <= 20
-classes, confusion.png to --out.
+Released names (vitl16, vith16, vith16_384; probes k400, ssv2, in1k) are downloaded once into torch's hub
+cache and reused after.
+
+The encoder never trains: its token maps go to a small attentive probe (one learned query cross-attends to all
+tokens, then a linear layer; official src/models/attentive_pooler.py). Writes results.json, probe.pth.tar
+(official format) and, for <= 20 classes, confusion.png to --out.
 
 Shapes: B videos, V spatial views, S temporal segments, N tokens per clip, D width, C classes.
 """
@@ -32,13 +35,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
+import train
 import vjepa
 from vjepa import PRESETS
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The attentive probe. Attribute names are the official ones, so a released probe loads with a prefix
 #    strip ("module.") and a strict load. LayerNorm eps is nn.LayerNorm's default 1e-5, as the official
-#    probe (measured on ../shared/reference: 1e-5 reproduces its logits to 1.5e-8, 1e-6 only to 1e-5).
+#    probe (measured on reference/: 1e-5 reproduces its logits to 3e-8, 1e-6 only to 1e-5).
 
 
 class CrossAttention(nn.Module):
@@ -112,8 +116,20 @@ class AttentiveClassifier(nn.Module):
         return self.linear(self.pooler(x).squeeze(1))  # (B, N, D) -> (B, C)
 
 
+# Meta's released attentive probes (facebookresearch/jepa README) sit beside each RELEASED backbone:
+# .../jepa/vitl16/k400-probe.pth.tar. --probe-checkpoint k400 (ssv2, in1k) names the one of the backbone.
+RELEASED_PROBES = ("k400", "ssv2", "in1k")
+
+
 def load_probe(path: str | Path, enc_cfg: vjepa.ModelConfig, depth: int = 1) -> AttentiveClassifier:
-    """An official-format probe checkpoint {"classifier": {"module.pooler.*", "module.linear.*"}}."""
+    """An official-format probe checkpoint {"classifier": {"module.pooler.*", "module.linear.*"}}, or the
+    name of a released probe for enc_cfg's preset (downloaded once into torch's hub cache)."""
+    if str(path) in RELEASED_PROBES and not Path(path).exists():
+        preset = vjepa.preset_name(enc_cfg)
+        if preset not in vjepa.RELEASED:
+            raise ValueError(f"Meta released {path} probes for {', '.join(vjepa.RELEASED)}, not for a "
+                             f"'{preset}' encoder")
+        path = vjepa.cached_download(vjepa.RELEASED[preset].rsplit("/", 1)[0] + f"/{path}-probe.pth.tar")
     ckpt = vjepa.read_checkpoint(path)
     if not (isinstance(ckpt, dict) and "module.linear.weight" in ckpt.get("classifier", {})):
         found = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -158,7 +174,7 @@ def predict(classifier: nn.Module, feats: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ProbeConfig:
     # Backbone: the target encoder of a checkpoint, frozen
-    checkpoint: str = ""  # train.py's ckpt.pt, or an official pretraining checkpoint (then also --size)
+    checkpoint: str = ""  # train.py's ckpt.pt, an official file (then also --size), or a release: vitl16, ...
     size: str = ""  # preset of an official checkpoint, or of the encoder of --random-init
     random_init: bool = False  # random weights of the same preset: the floor a pretrained encoder must beat
     # Data
@@ -176,7 +192,7 @@ class ProbeConfig:
     views: int = 1  # spatial views per segment (3 in the paper)
     train_fraction: float = 1.0  # keep this fraction of each class's training items (label efficiency)
     # Probe
-    probe_checkpoint: str = ""  # start from a released probe (with --epochs 0: only evaluate it)
+    probe_checkpoint: str = ""  # a probe file, or k400 / ssv2 / in1k: Meta's for the backbone (--epochs 0)
     depth: int = 1
     epochs: int = 20
     batch_size: int | None = None  # None: 256 for real data (official), 64 for synthetic (320 updates)
@@ -184,10 +200,10 @@ class ProbeConfig:
     val_every: int = 1  # validate every N epochs (cached synthetic features); the last epoch always
     weight_decay: float | None = None  # None: 0.01 for video, 0.001 for images (official configs)
     # Run
-    out: str = "runs/probe"
+    out: str = ""  # results folder; default <checkpoint's run folder>/probe-<task> (see default_out)
     seed: int = 0
     workers: int = 0  # DataLoader processes (real video wants several)
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: str = "auto"  # auto: cuda, else Apple's mps, else cpu; or cpu, cuda, cuda:N, mps
 
 
 CHOICES = {"size": ["", *PRESETS], "data": ["synthetic", "videos", "images"],
@@ -395,7 +411,7 @@ def evaluate(classifier, batches, num_classes: int, amp) -> dict:
     return res | {"pred": top[:, 0].tolist(), "label": labels.tolist()}
 
 
-def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd: float, amp):
+def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd: float, amp, scaler):
     """AdamW; lr and weight decay follow the official cosines (lr -> 0, wd -> 1e-6), stepped before each
     update; no decay on biases and 1-D parameters; gradients clipped at norm 1 (all as the official code).
     Yields (epoch, mean loss, train top-1, messages of the unreadable training videos) after each epoch."""
@@ -419,9 +435,11 @@ def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd
                 logits = classifier(feats[:, 0])  # training items hold one view: (B, N, D) -> (B, C)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # fp16 (older GPUs) only: scaled, then unscaled before clipping
+            scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             losses.append(loss.item())
             correct, seen = correct + (logits.argmax(1) == y).sum().item(), seen + len(y)
         yield epoch, float(np.mean(losses)), 100 * correct / max(seen, 1), errors
@@ -466,9 +484,11 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
     backbone, so that repeated probes of it (other label fractions) reuse its frozen features."""
     t_start = time.time()
     cfg = with_defaults(cfg)
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if cfg.device == "auto" else cfg.device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    device = train.pick_device(cfg.device)  # the same device and precision rules as train.py
+    precision = train.precision_of(device)
+    amp = train.autocast(device, precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    print(train.describe(device, cfg.device, precision))
     if cfg.epochs == 0 and not cfg.probe_checkpoint:
         raise ValueError("--epochs 0 evaluates a trained probe: give --probe-checkpoint")
     encoder = load_backbone(cfg).to(device)
@@ -498,10 +518,12 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
             train_items = ProbeItems(train_ds, keep, True, cfg)
             train_batches = feature_source(encoder, train_items, cfg, device, amp, cached)
         wd = cfg.weight_decay
-        print(f"probe: {len(keep)} of {len(train_labels)} training items, {num_classes} classes, "
-              f"{cfg.epochs} epochs, lr {cfg.lr:g}, wd {wd:g}, {vjepa.preset_name(ec)} encoder on {device}")
+        print(f"probe: {len(keep)} of {len(train_labels)} training items, {num_classes} classes (chance "
+              f"{100 / num_classes:.1f}%), {cfg.epochs} epochs, lr {cfg.lr:g}, wd {wd:g}, "
+              f"{vjepa.preset_name(ec)} encoder")
         steps = math.ceil(len(keep) / cfg.batch_size)
-        for epoch, loss, train_top1, errors in train_epochs(classifier, train_batches, steps, cfg, wd, amp):
+        epochs = train_epochs(classifier, train_batches, steps, cfg, wd, amp, scaler)
+        for epoch, loss, train_top1, errors in epochs:
             row, train_errors = {"epoch": epoch + 1, "loss": loss, "train_top1": train_top1}, errors
             last = epoch + 1 == cfg.epochs  # a streamed validation costs an encoder pass: only at the end
             if last or (cached and (epoch + 1) % cfg.val_every == 0):
@@ -511,9 +533,10 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
             print(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {loss:.4f} | train top1 {train_top1:5.1f}{val}")
     res = evaluate(classifier, val_batches(), num_classes, amp)
     pred, label = res.pop("pred"), res.pop("label")
-    res |= {"classes": num_classes, "encoder": vjepa.preset_name(ec), "history": history,
+    res |= {"classes": num_classes, "chance_top1": 100 / num_classes, "encoder": vjepa.preset_name(ec),
+            "history": history,
             "train_unreadable": train_errors, "seconds": time.time() - t_start, "config": asdict(cfg)}
-    out = Path(cfg.out)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if training:
         save_probe(out / "probe.pth.tar", classifier, cfg.epochs, cfg)
@@ -523,12 +546,33 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
         save_confusion(out / "confusion.png", pred, label, num_classes, names)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     top5 = f", top-5 {res['top5']:.2f}%" if "top5" in res else ""
-    print(f"val top-1 {res['top1']:.2f}%{top5} over {res['readable']} readable videos; results in {out}/")
+    items = {"synthetic": "clips", "videos": "readable videos", "images": "images"}[cfg.data]
+    print(f"val top-1 {res['top1']:.2f}% (chance {100 / num_classes:.1f}%){top5} over {res['readable']} "
+          f"{items}; results in {out}/")
     if res["unreadable"] or train_errors:
         print(f"unreadable videos: {res['unreadable']} in validation, NOT in that denominator (top-1 "
               f"counting them as wrong: {res['top1_unreadable_as_wrong']:.2f}%); {len(train_errors)} skipped "
               f"in training; listed in results.json")
     return res
+
+
+def default_out(cfg: ProbeConfig) -> Path:
+    """Where a probe writes when --out is not given: one folder per backbone and task, so that probing
+    another label, list or label fraction never overwrites earlier results. runs/tiny/ckpt.pt probed for
+    motion -> runs/tiny/probe-motion; a released or official checkpoint -> runs/<its name>/probe-<task>."""
+    if cfg.random_init:
+        run = Path("runs") / f"random-{cfg.size}"
+    elif Path(cfg.checkpoint).name == "ckpt.pt":  # a run folder of train.py
+        run = Path(cfg.checkpoint).parent
+    else:
+        run = Path("runs") / Path(cfg.checkpoint).name.split(".")[0]
+    task = {"synthetic": cfg.label, "videos": Path(cfg.val_list).stem,
+            "images": "-".join(Path(cfg.val_dir).resolve().parts[-2:])}[cfg.data]
+    if cfg.train_fraction < 1:
+        task += f"-{100 * cfg.train_fraction:g}pct"
+    if cfg.epochs == 0:  # evaluating a given probe: keep apart from a trained one's results
+        task += "-eval"
+    return run / f"probe-{task}"
 
 
 def main(argv: list[str] | None = None):

@@ -5,11 +5,11 @@
     torchrun --nproc_per_node=8 train.py --size vith16 --data lists/videomix2m.txt
     python train.py --size vitl16 --benchmark                    # step time, clips/s, TFLOP/s, peak memory
 
-One step (paper section 3, SPEC sections 4-5): masks for the batch (masking.py, drawn in the DataLoader
-workers) -> `VJEPA.forward` = targets from the EMA encoder on the full clip, context encoder + predictor per
-mask generator, L1 loss (vjepa.py) -> AdamW step with the scheduled lr / weight decay -> EMA update of the
-target encoder with the scheduled momentum. Schedules are pure functions of the step, masks and data are
-pure functions of (seed, step, rank): resuming sets the step and replays nothing.
+One step (paper section 3, official app/vjepa/train.py): masks for the batch (masking.py, drawn in the
+DataLoader workers) -> `VJEPA.forward` = targets from the EMA encoder on the full clip, context encoder +
+predictor per mask generator, L1 loss (vjepa.py) -> AdamW step with the scheduled lr / weight decay -> EMA
+update of the target encoder with the scheduled momentum. Schedules are pure functions of the step, masks and
+data are pure functions of (seed, step, rank): resuming sets the step and replays nothing.
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ class TrainConfig:
     out: str = "runs/tiny"  # run folder: ckpt.pt, log.jsonl, loss.png
     steps: int = 400
     batch_size: int = 16  # per process (GPU); global batch = batch_size x world size
-    # Schedules (SPEC section 5). The official recipe stretches every schedule over horizon_scale x steps
-    # (1.25: 112,500 for 90,000 steps), so training stops before the cosine reaches its final values.
+    # Schedules (official configs/pretrain/vitl16.yaml). The official recipe stretches every schedule over
+    # horizon_scale x steps (1.25: 112,500 for 90,000 steps), so training stops before the cosine reaches its
+    # final values.
     lr: float = 1e-3
     start_lr: float = 2e-4
     final_lr: float = 1e-6
@@ -74,7 +75,7 @@ class TrainConfig:
     resume: bool = False  # continue from <out>/ckpt.pt
     compile: bool = False  # torch.compile the model
     checkpoint_act: bool = False  # activation checkpointing: less memory, ~30% more compute
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: str = "auto"  # auto: cuda, else Apple's mps, else cpu; or cpu, cuda, cuda:N, mps
     benchmark: bool = False  # time synthetic steps on the device instead of training (no data, no saving)
     benchmark_steps: int = 20
 
@@ -98,7 +99,7 @@ def recipe(size: str, **overrides) -> TrainConfig:
 
 # ----------------------------------------------------------------------------------------------------
 # Schedules: pure functions of the optimizer step s (counted from 0). They reproduce the official values
-# (../shared/reference/official_schedules_vitl16.json): the official schedulers are stepped once before
+# (reference/official_schedules_vitl16.json): the official schedulers are stepped once before
 # each optimizer step, so step s uses their value at count s + 1.
 
 
@@ -223,18 +224,81 @@ def load_checkpoint(path: Path, model: VJEPA, opt, cfg: TrainConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Device and precision (probe.py uses the same functions). Mixed precision follows the card: bf16 autocast
+# where the card has bf16 tensor cores (CUDA compute capability >= 8.0: Ampere and later), with no
+# GradScaler since bf16 has fp32's range; fp16 autocast plus a GradScaler on older cards (Colab's T4 is
+# 7.5: bf16 would be emulated there, fp16 runs on its tensor cores but needs loss scaling); fp32 on CPU and
+# on Apple's MPS (the code paths checked there so far are fp32 ones).
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto': CUDA, else MPS, else CPU. An explicit device that this machine lacks raises ValueError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device string at all
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available to this PyTorch ({torch.__version__}); "
+                         "use --device auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: Apple's MPS is not available on this machine; "
+                         "use --device auto or cpu")
+    return device
+
+
+def precision_for(device_type: str, capability: tuple[int, int] | None = None) -> str:
+    """'bf16', 'fp16' or 'fp32' for a device type and, on CUDA, its compute capability (major, minor)."""
+    if device_type != "cuda":
+        return "fp32"
+    return "bf16" if capability >= (8, 0) else "fp16"
+
+
+def precision_of(device: torch.device) -> str:
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return precision_for(device.type, cap)
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision; fp32 gives a disabled one, so every path reads the same."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast("cuda" if device.type == "cuda" else "cpu", dtype=dtype, enabled=dtype is not None)
+
+
+def describe(device: torch.device, requested: str, precision: str) -> str:
+    """The start-of-run line's device part, e.g. 'device cuda (auto), precision bf16 autocast'."""
+    name = f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    how = "auto" if requested == "auto" else "as asked"
+    if requested == "auto" and device.type == "cpu":
+        how = "auto: no CUDA GPU or Apple MPS found"
+    mode = {"bf16": "bf16 autocast", "fp16": "fp16 autocast + GradScaler (no native bf16 on this card)",
+            "fp32": "fp32"}[precision]
+    return f"device {device}{name} ({how}), precision {mode}"
+
+
+# ----------------------------------------------------------------------------------------------------
 # Distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK. Without them nothing touches torch.distributed.
 
 
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    device = pick_device(cfg.device)
     if "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
+        return 0, 1, device
+    if device.type == "mps":
+        raise ValueError("torchrun needs CUDA GPUs (nccl) or CPUs (gloo); use --device cpu on a Mac")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,12 +322,15 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     opt = make_optimizer(model, device)
     out = Path(cfg.out)
     ckpt_path = out / "ckpt.pt"
+    precision = precision_of(device)  # bf16, fp16 (with loss scaling) or fp32: see pick_device's section
+    amp = autocast(device, precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a pass-through when disabled
     start, extra = 0, {"bad_clips": 0}
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path, model, opt, cfg)
         start, extra = ckpt["step"], {"bad_clips": ckpt.get("bad_clips", 0)}
-    # bf16 autocast on GPU (no GradScaler: bf16 has fp32's range), plain fp32 on CPU
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        if ckpt.get("scaler") and scaler.is_enabled():  # fp16: continue with the same loss scale
+            scaler.load_state_dict(ckpt["scaler"])
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     step_fn = torch.compile(ddp, dynamic=True) if cfg.compile else ddp  # token counts vary: dynamic shapes
 
@@ -272,9 +339,9 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     say(f"model {cfg.size}: {json.dumps(asdict(mc))}")
     say(f"parameters: encoder {n['encoder']:,}  predictor {n['predictor']:,} | tokens per clip "
         f"{mc.num_tokens} (grid {'x'.join(map(str, mc.grid))}) | global batch {cfg.batch_size * world} = "
-        f"{cfg.batch_size} x {world} process(es) on {device.type}")
+        f"{cfg.batch_size} x {world} process(es) | {describe(device, cfg.device, precision)}")
     if cfg.benchmark:
-        return benchmark(cfg, model, step_fn, opt, masker, amp, device, say)
+        return benchmark(cfg, model, step_fn, opt, scaler, masker, amp, device, say)
 
     loader = data.make_train_loader(dataset, masker, cfg.batch_size, start, cfg.steps, seed=cfg.seed,
                                     rank=rank, world_size=world, workers=cfg.workers)
@@ -300,11 +367,13 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
             with amp:
                 res = step_fn(clips, masks)
             opt.zero_grad(set_to_none=True)
-            res["loss"].backward()
+            scaler.scale(res["loss"]).backward()  # fp16 only: the loss is scaled so small gradients survive
             if step >= cfg.warmup and cfg.clip_grad > 0:
+                scaler.unscale_(opt)  # clip the true gradients
                 torch.nn.utils.clip_grad_norm_(model.encoder.parameters(), cfg.clip_grad)
                 torch.nn.utils.clip_grad_norm_(model.predictor.parameters(), cfg.clip_grad)
-            opt.step()
+            scaler.step(opt)  # fp16: skips the step when a gradient overflowed
+            scaler.update()
             model.update_target(m)
             extra["bad_clips"] += batch["bad"]
             pending.append((step, res["loss"].detach()))
@@ -333,11 +402,11 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
                         on_log(row)
                 t_log, clips_since = time.perf_counter(), 0
             if main_proc and (done % cfg.save_every == 0 or done == cfg.steps):
-                save_checkpoint(ckpt_path, model, opt, cfg, done, extra)
+                save_checkpoint(ckpt_path, model, opt, cfg, done, extra | {"scaler": scaler.state_dict()})
             if stop.is_set():  # Ctrl-C: the step in flight has finished; keep what it taught
                 losses += check_finite(pending, ckpt_path) if pending else []
                 if main_proc:
-                    save_checkpoint(ckpt_path, model, opt, cfg, done, extra)
+                    save_checkpoint(ckpt_path, model, opt, cfg, done, extra | {"scaler": scaler.state_dict()})
                 say(f"\ninterrupted: saved {ckpt_path} at step {done}; continue with --resume")
                 break
     finally:
@@ -446,7 +515,7 @@ def plot_losses(out: Path, dim: int | None = None):
 # Benchmark: synthetic clips already on the device, no data loading, no checkpoints.
 
 
-def benchmark(cfg, model, step_fn, opt, masker, amp, device, say) -> dict:
+def benchmark(cfg, model, step_fn, opt, scaler, masker, amp, device, say) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     mc = model.cfg
     clips = torch.randn(cfg.batch_size, 3, mc.frames, mc.img_size, mc.img_size, device=device)
@@ -456,8 +525,9 @@ def benchmark(cfg, model, step_fn, opt, masker, amp, device, say) -> dict:
         with amp:
             loss = step_fn(clips, batches[i % len(batches)])["loss"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         model.update_target(0.999)
 
     with FlopCounterMode(display=False) as counter:  # one eager step, forward and backward
@@ -468,7 +538,7 @@ def benchmark(cfg, model, step_fn, opt, masker, amp, device, say) -> dict:
     warm = 3 if not cfg.compile else 10
     for i in range(warm):
         one_step(i)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -2,7 +2,7 @@
 
 Bardes et al., "Revisiting Feature Prediction for Learning Visual Representations from Video",
 arXiv 2404.08471 (2024). The official implementation is facebookresearch/jepa; this file is written
-from the paper and from facts read off that code (../shared/docs/SPEC.md), never copied from it.
+from the paper and from facts read off that code (file names cited where they matter), never copied from it.
 
 Symbol map (paper -> code)
     x, y            a clip split into context tokens x and target tokens y by a mask (masking.py)
@@ -23,6 +23,8 @@ Shape legend
 from __future__ import annotations
 
 import math
+import sys
+import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +35,8 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Positions: a fixed 3D sin-cos table (SPEC section 1). No CLS token, nothing learned.
+# 1. Positions: a fixed 3D sin-cos table (official src/models/utils/pos_embs.py). No CLS token, nothing
+#    learned.
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -130,7 +133,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------
 # 4. Config and presets. Sizes follow the paper's Table; the predictor is 12 blocks of width 384 with the
-#    encoder's head count (SPEC section 2). Any preset can be rebuilt at another input size with replace().
+#    encoder's head count (official src/models/predictor.py). Any preset can be rebuilt at another input
+#    size with replace().
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,8 @@ class ModelConfig:
     num_mask_tokens: int = 2  # one learned mask token per mask generator
     # LayerNorm eps of the encoder. The official ViT presets (vit_large, vit_huge: the released weights)
     # pass 1e-6; the official VisionTransformer class built directly falls back to nn.LayerNorm's 1e-5,
-    # which is what the reference small checkpoint in ../shared/reference was made with (measured: with
-    # 1e-5 our outputs match it to 4e-6, with 1e-6 only to 2.4e-5). The predictor always uses 1e-6.
+    # which is what the reference small checkpoint in reference/ was made with (measured: with 1e-5 our
+    # outputs match it to 1.6e-6, with 1e-6 only to 2.3e-5). The predictor always uses 1e-6.
     norm_eps: float = 1e-6
     # What the predictor regresses. "features": V-JEPA (L1 to the EMA encoder's layer-normed features).
     # "pixels": the paper's baseline (section 4.1), MSE to the per-tubelet normalised pixels of the targets,
@@ -307,11 +311,12 @@ class Predictor(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Initialisation. Choice (SPEC section 2): we follow what the official *trainer* effectively runs, since
-#    that produced the published numbers and released weights: every Linear ~ N(0, 0.02) truncated at +-2
-#    (absolute, so practically untruncated), biases 0, LayerNorm 1/0, Conv3d trunc-normal 0.02, mask
-#    tokens 0. The official model code's extra 1/sqrt(2*layer_id) rescaling of attn.proj and mlp.fc2 is
-#    undone by that trainer's re-initialisation, so we do not apply it (V-JEPA 2 kept it).
+# 7. Initialisation. Choice (official app/vjepa/utils.py vs the model files): we follow what the official
+#    *trainer* effectively runs, since that produced the published numbers and released weights: every Linear
+#    ~ N(0, 0.02) truncated at +-2 (absolute, so practically untruncated), biases 0, LayerNorm 1/0, Conv3d
+#    trunc-normal 0.02, mask tokens 0. The official model code's extra 1/sqrt(2*layer_id) rescaling of
+#    attn.proj and mlp.fc2 is undone by that trainer's re-initialisation, so we do not apply it (V-JEPA 2 kept
+#    it).
 
 
 @torch.no_grad()
@@ -385,7 +390,7 @@ class VJEPA(nn.Module):
 
     @torch.no_grad()
     def update_target(self, momentum: float):
-        """EMA of the context encoder: theta_bar <- m * theta_bar + (1 - m) * theta (SPEC section 4).
+        """EMA of the context encoder: theta_bar <- m * theta_bar + (1 - m) * theta (paper section 3.1).
 
         One fused multi-tensor op per line instead of a Python loop over ~300 parameters.
         """
@@ -427,7 +432,32 @@ def load_strict(module: nn.Module, state: dict, what: str, cfg: ModelConfig):
     module.load_state_dict(state, strict=True)
 
 
+# Meta's released pretraining checkpoints (facebookresearch/jepa README), by preset. Wherever a checkpoint
+# path is expected, one of these names works too: the file (several GB) is downloaded once, with a progress
+# bar, into torch's hub cache (<torch.hub.get_dir()>/checkpoints, i.e. $TORCH_HOME/hub) and reused after.
+RELEASED = {"vitl16": "https://dl.fbaipublicfiles.com/jepa/vitl16/vitl16.pth.tar",
+            "vith16": "https://dl.fbaipublicfiles.com/jepa/vith16/vith16.pth.tar",
+            "vith16_384": "https://dl.fbaipublicfiles.com/jepa/vith16-384/vith16-384.pth.tar"}
+
+
+def cached_download(url: str) -> Path:
+    """The file at `url`, fetched on first use into <hub>/checkpoints/<its folder>/<its name>."""
+    folder, name = urllib.parse.urlparse(url).path.split("/")[-2:]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / folder / name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {url} to {path} (once; later runs reuse it)", file=sys.stderr)
+        try:  # torch writes to a temporary file and renames it when complete: no half file stays behind
+            torch.hub.download_url_to_file(url, str(path), progress=True)
+        except OSError as e:  # no network, 404, disk full
+            raise ValueError(f"could not download {url}: {e}") from e
+    return path
+
+
 def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file, or a RELEASED name (downloaded on first use; a file of that name wins)."""
+    if str(path) in RELEASED and not Path(path).exists():
+        path = cached_download(RELEASED[str(path)])
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -437,10 +467,11 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"could not read checkpoint {path}: {e}") from e
 
 
-def load_official(path: str | Path, cfg: ModelConfig | str) -> VJEPA:
+def load_official(path: str | Path, cfg: ModelConfig | str | None = None) -> VJEPA:
     """Build a VJEPA for `cfg` (a ModelConfig or a preset name) and fill it from an official pretraining
-    checkpoint {"encoder", "predictor", "target_encoder", ...} with keys prefixed 'module.backbone.'."""
-    cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+    checkpoint {"encoder", "predictor", "target_encoder", ...} with keys prefixed 'module.backbone.'.
+    `path` may be a RELEASED name: load_official("vitl16") downloads Meta's ViT-L/16 once and loads it."""
+    cfg = official_config(path, cfg)
     ckpt = read_checkpoint(path)
     parts = ("encoder", "predictor", "target_encoder")
     if not isinstance(ckpt, dict) or not all(p in ckpt for p in parts):
@@ -453,11 +484,21 @@ def load_official(path: str | Path, cfg: ModelConfig | str) -> VJEPA:
     return model
 
 
+def official_config(path: str | Path, cfg: ModelConfig | str | None) -> ModelConfig:
+    """The config to build for an official checkpoint: given, or the preset a RELEASED name stands for."""
+    if cfg is None and str(path) in RELEASED:
+        cfg = str(path)
+    if cfg is None:
+        raise ValueError(f"{path} is an official checkpoint: name its preset (e.g. 'vitl16', 'vith16')")
+    return PRESETS[cfg] if isinstance(cfg, str) else cfg
+
+
 def load_target_encoder(path: str | Path, cfg: ModelConfig | str | None = None) -> Encoder:
-    """The frozen-evaluation backbone (SPEC section 4: downstream uses the target encoder's weights).
+    """The frozen-evaluation backbone (paper section 4: downstream uses the target encoder's weights).
 
     Reads this project's training checkpoints (self-describing: the config is inside, `cfg` may be None)
-    and official pretraining checkpoints (`cfg` names the preset they were trained with).
+    and official pretraining checkpoints (`cfg` names the preset they were trained with; for a RELEASED
+    name such as "vitl16" it may be None).
     """
     ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and "model_config" in ckpt and "model" in ckpt:  # ours (train.py)
@@ -473,9 +514,7 @@ def load_target_encoder(path: str | Path, cfg: ModelConfig | str | None = None) 
         load_strict(enc, state, f"{path} [target_encoder]", own)
         return enc.eval().requires_grad_(False)
     if isinstance(ckpt, dict) and "target_encoder" in ckpt:  # official
-        if cfg is None:
-            raise ValueError(f"{path} is an official checkpoint: name its preset (e.g. 'vitl16', 'vith16')")
-        cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+        cfg = official_config(path, cfg)
         enc = Encoder(cfg)
         load_strict(enc, strip_prefix(ckpt["target_encoder"]), f"{path} [target_encoder]", cfg)
         return enc.eval().requires_grad_(False)

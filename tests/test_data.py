@@ -1,5 +1,6 @@
 """Claims about data.py: the synthetic dataset's labels and determinism, replayable sampling, frame sampling
 of real video as the official loader, and a clear DataError for every kind of bad input."""
+import json
 import logging
 import time
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 from data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -272,8 +274,9 @@ def videos(tmp_path_factory):
 
 
 def test_crop_boxes_follow_the_pretraining_ranges():
-    """SPEC section 6: area U(0.3, 1) of the frame, aspect w/h log-uniform in (0.75, 1.35), inside the frame
-    (boxes that would not fit are redrawn, which on a square frame trims both aspect ends alike)."""
+    """Official pretraining crop (configs/pretrain/vitl16.yaml): area U(0.3, 1) of the frame, aspect w/h
+    log-uniform in (0.75, 1.35), inside the frame (boxes that would not fit are redrawn, which on a square
+    frame trims both aspect ends alike)."""
     rng = np.random.default_rng(0)
     top, left, h, w = np.array([random_crop_box(300, 300, rng, *VIDEO_CROP) for _ in range(2000)]).T
     area, aspect = h * w / 300**2, w / h
@@ -430,3 +433,50 @@ def test_image_folder_errors(tmp_path):
     ds = ImageFolder(tmp_path, frames=2, img_size=8)
     with pytest.raises(DataError, match=r"broken\.jpg: cannot read the image"):
         ds[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# List files for real datasets (python data.py folders / ssv2)
+
+
+def test_folder_list_numbers_sorted_classes_and_keeps_them_across_splits(tmp_path, capsys):
+    """Kinetics-style class folders -> a list VideoList reads with the labels of the sorted class names; the
+    validation split, listed with the training split's classes, gets the same numbers even with a class
+    missing; class names with spaces survive."""
+    for split, names in (("train", ["air drumming", "abseiling", "zumba"]), ("val", ["abseiling", "zumba"])):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(2):
+                (tmp_path / split / name / f"{name[:3]}{i}.mp4").write_bytes(b"")
+        (tmp_path / split / "abseiling" / "notes.txt").write_text("not a video")
+    data.main(["folders", str(tmp_path / "train"), str(tmp_path / "lists/train.txt")])
+    assert "wrote" in capsys.readouterr().out
+    classes = (tmp_path / "lists/train.classes.txt").read_text().splitlines()
+    assert classes == ["abseiling", "air drumming", "zumba"]
+    data.main(["folders", str(tmp_path / "val"), str(tmp_path / "lists/val.txt"),
+               "--classes", str(tmp_path / "lists/train.classes.txt")])
+    train, val = VideoList(tmp_path / "lists/train.txt"), VideoList(tmp_path / "lists/val.txt")
+    assert [(p.name, y) for p, y in train.items] == [("abs0.mp4", 0), ("abs1.mp4", 0), ("air0.mp4", 1),
+                                                     ("air1.mp4", 1), ("zum0.mp4", 2), ("zum1.mp4", 2)]
+    assert [(p.name, y) for p, y in val.items] == [("abs0.mp4", 0), ("abs1.mp4", 0), ("zum0.mp4", 2),
+                                                   ("zum1.mp4", 2)]
+    assert all(p.is_absolute() and p.parent.parent.name == "val" for p, _ in val.items)
+    (tmp_path / "val" / "yoga").mkdir()
+    with pytest.raises(DataError, match=r"class folders \['yoga'\] are not among the 3 given classes"):
+        data.folder_list(tmp_path / "val", classes)
+
+
+def test_ssv2_list_maps_templates_to_the_released_label_indices(tmp_path):
+    labels = {"Putting something on a surface": "1", "Pushing something from left to right": "0"}
+    split = [{"id": "78687", "template": "Putting [something] on a surface", "label": "putting a cup down"},
+             {"id": "42", "template": "Pushing [something] from left to right", "label": "pushing a pen"}]
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    (tmp_path / "train.json").write_text(json.dumps(split))
+    data.main(["ssv2", str(tmp_path / "videos"), str(tmp_path / "labels.json"), str(tmp_path / "train.json"),
+               str(tmp_path / "ssv2_train.txt")])
+    items = VideoList(tmp_path / "ssv2_train.txt").items
+    assert [(p.name, y) for p, y in items] == [("78687.webm", 1), ("42.webm", 0)]
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": "7", "template": "Spinning [something]"}]))
+    with pytest.raises(SystemExit, match=r"video 7 has template 'Spinning something', which .* does not"):
+        data.main(["ssv2", str(tmp_path), str(tmp_path / "labels.json"), str(tmp_path / "bad.json"),
+                   str(tmp_path / "x.txt")])

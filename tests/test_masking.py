@@ -46,8 +46,8 @@ def test_block_union_covers_the_official_fraction():
 
 
 def test_mean_counts_match_official():
-    """SPEC section 3, official collator at 224 px, batch 24: short-range context 367 / targets 750,
-    long-range context 102 / targets 1100."""
+    """Official collator (src/masks/multiblock3d.py) at 224 px, batch 24: short-range context 367 /
+    targets 750, long-range context 102 / targets 1100."""
     masker = MultiBlockMasker(GRID, seed=0)
     counts = np.array([[[c.shape[1], g.shape[1]] for c, g in masker(24, s)] for s in range(200)]).mean(0)
     (short_ctx, short_tgt), (long_ctx, long_tgt) = counts

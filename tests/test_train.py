@@ -31,7 +31,8 @@ def test_schedules_equal_official(reference):
 
 
 def test_end_of_training_values():
-    """SPEC section 5: training stops at 90,000 steps with lr 7.5e-5, wd 0.366, momentum 0.9996."""
+    """The official recipe (configs/pretrain/vitl16.yaml) stops at 90,000 steps with lr 7.5e-5, wd 0.366,
+    momentum 0.9996."""
     cfg = recipe("vith16")
     assert lr_at(89_999, cfg) == pytest.approx(7.5e-5, rel=1e-3)
     assert wd_at(89_999, cfg) == pytest.approx(0.366, abs=5e-4)
@@ -290,3 +291,72 @@ def test_collapse_monitor_rank_and_lag():
         model.target_encoder.norm.weight.zero_()
         model.target_encoder.norm.bias.copy_(torch.randn(192))
     assert train.collapse_monitor(model, clips, amp)["tgt_rank"] < 1.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices and precision (shared by train.py and probe.py)
+
+
+@pytest.mark.parametrize("device_type, capability, expected", [
+    ("cuda", (9, 0), "bf16"),  # H100
+    ("cuda", (8, 0), "bf16"),  # A100: the first card with bf16 tensor cores
+    ("cuda", (8, 6), "bf16"),  # RTX 30xx, A10
+    ("cuda", (7, 5), "fp16"),  # T4 (Colab's free GPU): fp16 tensor cores, no native bf16
+    ("cuda", (7, 0), "fp16"),  # V100
+    ("cpu", None, "fp32"),
+    ("mps", None, "fp32"),
+])
+def test_precision_follows_the_card(device_type, capability, expected):
+    assert train.precision_for(device_type, capability) == expected
+
+
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        assert train.pick_device("auto").type == expected
+
+
+def test_explicit_device_that_is_missing_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name, message in (("cuda", "no CUDA GPU is available"), ("mps", "MPS is not available"),
+                          ("banana", "unknown device"), ("xla", "unknown device"),
+                          ("cuda:x", "unknown device")):
+        with pytest.raises(ValueError, match=message):
+            train.pick_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"has 1 CUDA device\(s\)"):
+        train.pick_device("cuda:1")
+    assert train.pick_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("script", ["train.py", "probe.py"])
+def test_device_errors_are_one_line(tmp_path, script):
+    """On a machine without the device, asking for it stops before any work, with one line and no traceback.
+    (The test machines have no GPU and no MPS; where one exists, its name is skipped.)"""
+    there = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    missing = [d for d in there if not there[d]]
+    for device in [*missing, "banana"]:
+        res = subprocess.run([sys.executable, str(ROOT / script), "--device", device, "--size", "tiny",
+                              "--out", str(tmp_path), *(["--random-init"] if script == "probe.py" else [])],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith(f"error: --device {device}")
+
+
+def test_fp16_path_scales_the_loss_and_resumes_with_its_scale(tmp_path, monkeypatch):
+    """The T4 path (fp16 autocast + GradScaler), run on the CPU's fp16 autocast: it trains, clips the unscaled
+    gradients, stores the loss scale in the checkpoint and continues with it after --resume."""
+    monkeypatch.setattr(train, "precision_of", lambda device: "fp16")
+    first = train.train(small(tmp_path, steps=5, warmup=2))
+    assert all(map(torch.isfinite, torch.tensor(first["losses"])))
+    saved = torch.load(tmp_path / "run/ckpt.pt", weights_only=True)["scaler"]
+    assert saved["scale"] > 1  # loss scaling was on (starts at 2**16; halves on an overflow)
+    loaded = {}
+    real = torch.amp.GradScaler.load_state_dict
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict",
+                        lambda self, state: (loaded.update(state), real(self, state)))
+    train.train(small(tmp_path, steps=7, warmup=2, resume=True))
+    assert loaded["scale"] == saved["scale"]
