@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import signal
+import threading
 from pathlib import Path
 
 import av
@@ -498,11 +500,22 @@ def check_bad_fraction(bad: int, loaded: int, max_bad_fraction: float):
                         "raise the limit")
 
 
-def ignore_stop_signals(worker_id: int):
-    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which finishes the step and saves;
-    they exit with it (torch's workers watch their parent)."""
+def serve_through_stop_signals(worker_id: int):
+    """DataLoader worker_init_fn. Ctrl-C and a scheduler's SIGTERM reach every process of a job, the workers
+    included; the main process then finishes its step and saves, so the workers keep serving it. Only a
+    SIGTERM from the main process itself (multiprocessing ending its workers) ends a worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: the workers stop with the signal, as by default
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # then read, with its sender, by `watch`
+    parent = os.getppid()
+
+    def watch():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def make_train_loader(dataset, masker, batch_size: int, start_step: int, total_steps: int, seed: int = 0,
@@ -512,5 +525,5 @@ def make_train_loader(dataset, masker, batch_size: int, start_step: int, total_s
     return torch.utils.data.DataLoader(
         TrainStream(dataset, seed),
         batch_sampler=StepSampler(len(dataset), batch_size, start_step, total_steps, seed, rank, world_size),
-        collate_fn=MaskCollator(masker, rank), num_workers=workers, persistent_workers=workers > 0,
-        worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available())
+        collate_fn=MaskCollator(masker, rank), num_workers=workers, worker_init_fn=serve_through_stop_signals,
+        pin_memory=torch.cuda.is_available())

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import data
 import vjepa
+from train import COUNT, FOLDER, NON_NEGATIVE, POSITIVE, check_config, one_of
 from vjepa import PRESETS
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,6 +192,16 @@ class ProbeConfig:
 
 CHOICES = {"size": ["", *PRESETS], "data": ["synthetic", "videos", "images"],
            "label": list(data.SyntheticVideos.LABELS)}
+# The allowed values of each field, checked before anything is read or built (as train.RULES); the file and
+# folder options are checked where they are read, which names the file.
+RULES = {
+    **{name: one_of(*choices) for name, choices in CHOICES.items()},
+    "synthetic_train": COUNT, "synthetic_val": COUNT, "frame_step": COUNT, "segments": COUNT, "views": COUNT,
+    "train_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"), "depth": COUNT, "epochs": NON_NEGATIVE,
+    "batch_size": COUNT, "lr": POSITIVE, "val_every": COUNT,
+    "weight_decay": (lambda v: v is None or NON_NEGATIVE[0](v), ">= 0"), "out": FOLDER, "seed": NON_NEGATIVE,
+    "workers": NON_NEGATIVE,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> ProbeConfig:
@@ -372,6 +383,9 @@ def evaluate(classifier, batches, num_classes: int, amp) -> dict:
                 probs.append(predict(classifier, feats).cpu())
             labels.append(y.cpu())
     probs, labels = torch.cat(probs), torch.cat(labels)
+    if not len(labels):  # an accuracy over no video would look like a result
+        raise ValueError(f"none of the {len(errors)} validation videos could be read (the first: "
+                         f"{errors[0]}): no accuracy to report")
     top = probs.topk(min(5, num_classes), dim=1).indices  # (M, 5)
     n, hits = len(labels), (top[:, 0] == labels).sum().item()
     res = {"top1": 100 * hits / max(n, 1), "readable": n, "unreadable": len(errors),
@@ -412,6 +426,9 @@ def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd
             opt.step()
             losses.append(loss.item())
             correct, seen = correct + (logits.argmax(1) == y).sum().item(), seen + len(y)
+        if not seen:
+            raise ValueError(f"none of the {len(errors)} training videos could be read (the first: "
+                             f"{errors[0]}): nothing to train the probe on")
         yield epoch, float(np.mean(losses)), 100 * correct / max(seen, 1), errors
 
 
@@ -442,6 +459,7 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
     """Train (or load) a probe on the frozen encoder and evaluate it. memo: a dict the caller keeps for one
     backbone, so that repeated probes of it (other label fractions) reuse its frozen features."""
     t_start = time.time()
+    check_config(cfg, RULES)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -511,7 +529,7 @@ def main(argv: list[str] | None = None):
     cfg = parse_args(argv)
     try:
         probe(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad input (data.DataError is a ValueError): no traceback
+    except (ValueError, OSError) as e:  # bad input (data.DataError is a ValueError), full disk: no traceback
         sys.exit(f"error: {e}")
 
 
