@@ -513,16 +513,18 @@ def fit(cfg, mc, masker, dataset, ckpt, rank, world, device, on_log) -> dict:
 
 def on_stop_signals() -> tuple[threading.Event, dict]:
     """The first Ctrl-C (SIGINT) or SIGTERM (how Slurm, Kubernetes and most schedulers preempt a job): finish
-    the current step, save, exit. A second one acts at once. Returns the event and the handlers replaced."""
+    the current step, save, exit. A second Ctrl-C acts at once; a repeated SIGTERM changes nothing (torchrun
+    passes on the one Slurm also sends to every process). Returns the event and the handlers replaced."""
     stop, before = threading.Event(), {}
     stop.name = "a signal to another rank"
 
     def handler(signum, frame):
         stop.name = signal.Signals(signum).name
         stop.set()
-        signal.signal(signum, before[signum])
-        tqdm.write(f"\n{stop.name}: finishing this step and saving a checkpoint (send it again to abort)",
-                   file=sys.stderr)
+        if signum == signal.SIGINT:
+            signal.signal(signum, before[signum])
+        tqdm.write(f"\n{stop.name}: finishing this step and saving a checkpoint"
+                   + (" (press Ctrl-C again to abort)" if signum == signal.SIGINT else ""), file=sys.stderr)
 
     if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -5,6 +5,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,7 +233,8 @@ def test_compiled_step_equals_eager():
 
 def test_trains_on_a_video_list_and_reports_skipped_videos(tmp_path, capsys):
     """Real video end to end: PyAV-written mp4s in the official list format, one of them corrupt. Training
-    goes on, counts the skipped clip in the log and reports it at the end."""
+    goes on, counts the skipped clip in the log and reports it at the end. Each skipped video is named on a
+    line of its own above the progress bar (tqdm.write), never in the middle of the bar."""
     from test_data import write_video  # the PyAV writer of the data tests
 
     for i in range(3):
@@ -245,7 +247,12 @@ def test_trains_on_a_video_list_and_reports_skipped_videos(tmp_path, capsys):
     assert len(res["losses"]) == 2
     rows = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert rows[-1]["bad_clips"] >= 1
-    assert "unreadable video(s)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "unreadable video(s)" in out
+    skips = [line.split("\r")[-1] for line in err.split("\n") if "broken.mp4" in line]
+    assert len(skips) == rows[-1]["bad_clips"]
+    named = r"step \d: skipped .*broken.mp4 \(.*list.txt:3\): cannot decode.*"
+    assert all(re.fullmatch(named, line) for line in skips)
 
 
 @pytest.mark.parametrize("option", [{"target": "pixels"}, {"masking": "tube", "tube_ratio": 0.75}])
