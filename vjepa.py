@@ -425,7 +425,8 @@ def load_strict(module: nn.Module, state: dict, what: str, cfg: ModelConfig):
     if missing or unexpected:
         raise ValueError(f"{what} does not fit preset '{name}' (a different depth?): missing keys "
                          f"{missing[:3]}, unexpected keys {unexpected[:3]}")
-    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    bad = next((k for k, v in state.items()
+                if v.is_floating_point() and not v.is_meta and not torch.isfinite(v).all()), None)
     if bad is not None:  # a diverged run's weights give features, and accuracies, that mean nothing
         raise ValueError(f"{what}: weight '{bad}' holds NaN or inf (the run that wrote it diverged)")
     module.load_state_dict(state, strict=True)
