@@ -81,7 +81,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     benchmark: bool = False  # time synthetic steps on the device instead of training (no data, no saving)
     benchmark_steps: int = 20
-    allow_config_change: bool = False  # --resume with settings other than the checkpoint's (see check_resume)
+    allow_config_change: bool = False  # --resume with settings other than the checkpoint's (read_for_resume)
 
 
 def one_of(*choices):
@@ -370,8 +370,10 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
 
     on_log(row): called with each log row (a dict, as in log.jsonl), e.g. for a live plot in a notebook.
     """
-    check_config(cfg, RULES)  # bad options, a bad data list and a checkpoint that cannot be continued fail
-    rank, world, device = setup_distributed(cfg)  # here, before the model is built
+    # Bad options, a bad data list, a checkpoint that cannot be continued, a folder that holds another run:
+    # each fails here, before the model is built.
+    check_config(cfg, RULES)
+    rank, world, device = setup_distributed(cfg)
     main_proc = rank == 0
     say = print if main_proc else (lambda *a, **k: None)
     mc = model_config(cfg)
@@ -385,8 +387,8 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     if main_proc and not cfg.resume and ckpt_path.exists():
         raise ValueError(f"{ckpt_path} exists: use --resume to continue that run, or choose another --out "
                          f"(or delete {out} to start it over)")
-    warning = cpu_warning(cfg, mc, masker, cfg.steps - (ckpt["step"] if ckpt else 0))
-    if device.type == "cpu" and warning:
+    remaining = cfg.steps - (ckpt["step"] if ckpt else 0)
+    if device.type == "cpu" and (warning := cpu_warning(cfg, mc, masker, remaining)):
         say(warning, file=sys.stderr)
     with run_folder(out) if main_proc else contextlib.nullcontext():
         return fit(cfg, mc, masker, dataset, ckpt, rank, world, device, on_log)
