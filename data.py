@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import math
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import av
@@ -35,11 +37,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 VIDEO_CROP = ((0.3, 1.0), (0.75, 1.35))  # (area scale, aspect ratio) of the pretraining crop, official
 IMAGE_CROP = ((0.08, 1.0), (3 / 4, 4 / 3))  # the usual ImageNet random-resized-crop, for image probes
 AUGMENT_STREAM, RETRY_STREAM, SAMPLER_STREAM = 7, 8, 9  # rng_for streams (the mask generators use 0, 1)
-log = logging.getLogger(__name__)
+MAX_LABEL = 100_000  # a list label above this is a typo, not a class (ImageNet-21k has 21,841)
+MAX_RETRIES = 50  # unreadable videos in a row for one training sample before the data is called broken
 
 
 class DataError(ValueError):
     """Bad input data. The message names the file (and the line, for list files)."""
+
+    def __init__(self, message: str):
+        # Raised in a DataLoader worker, it is rebuilt in the main process from "Caught DataError in
+        # DataLoader worker process 0.\nOriginal Traceback ...\ndata.DataError: <message>" (torch/_utils.py,
+        # ExceptionWrapper.reraise): keep the one line the worker raised, as with workers=0.
+        if message.startswith("Caught DataError"):
+            message = message.rsplit("DataError: ", 1)[-1].strip()
+        super().__init__(message)
 
 
 def normalise(clip: torch.Tensor) -> torch.Tensor:
@@ -313,7 +324,13 @@ class VideoList(torch.utils.data.Dataset):
         self.img_size, self.train, self.flip = img_size, train, flip
         if not self.list_path.is_file():
             raise DataError(f"{self.list_path}: list file not found")
-        lines = self.list_path.read_text().splitlines()
+        raw = self.list_path.read_bytes()
+        try:
+            lines = raw.decode("utf-8-sig").splitlines()  # -sig: a spreadsheet CSV starts with a BOM
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{self.list_path}:{line}: not UTF-8 text (byte {raw[e.start]:#x}); save the "
+                            "list as UTF-8") from None
         header = bool(lines) and lines[0].strip().lower() == "path,label"
         rows = csv.reader(lines[1:]) if header else (line.rsplit(maxsplit=1) for line in lines)
         self.items, self.line_numbers = [], []
@@ -322,9 +339,11 @@ class VideoList(torch.utils.data.Dataset):
                 continue
             if len(fields) != 2:
                 raise DataError(f"{self.list_path}:{number}: expected 'path label', got {line!r}")
-            if not fields[1].strip().isdigit():
-                raise DataError(f"{self.list_path}:{number}: the label must be an integer >= 0, got {line!r}")
-            self.items.append((self.list_path.parent / fields[0].strip(), int(fields[1])))
+            label = fields[1].strip()
+            if not (label.isascii() and label.isdigit() and int(label) < MAX_LABEL):  # not "²", "-1", "1e12"
+                raise DataError(f"{self.list_path}:{number}: the label must be an integer in "
+                                f"[0, {MAX_LABEL:,}), got {line!r}")
+            self.items.append((self.list_path.parent / fields[0].strip(), int(label)))
             self.line_numbers.append(number)
         if not self.items:
             raise DataError(f"{self.list_path}: the list names no videos")
@@ -457,53 +476,73 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 class TrainStream(torch.utils.data.Dataset):
-    """Wraps a dataset with .load(index, rng): __getitem__((step, index)) -> (clip, label, step, bad).
+    """Wraps a dataset with .load(index, rng): __getitem__((step, index)) -> (clip, label, step, skipped).
 
     The augmentation RNG depends only on (seed, step, index), so it replays on resume whatever the number
-    of workers. A DataError (an unreadable video) is logged in one line and the sample is replaced by an
-    index drawn from (seed, step, index, attempt); `bad` counts the clips skipped for this sample. Once more
-    than max_bad_fraction of this process's attempts (at least 20) have failed, the run stops: that many
-    bad files means a broken data list, not a few corrupt videos.
+    of workers. A DataError (an unreadable video) replaces the sample by an index drawn from (seed, step,
+    index, attempt); `skipped` holds the messages of the videos skipped for this sample, which train.py
+    prints (above its progress bar), counts, and checks against --max-bad-fraction (check_bad_fraction).
+    MAX_RETRIES failures in a row for one sample mean that (nearly) no video loads: the run stops.
     """
 
-    def __init__(self, dataset, seed: int = 0, max_bad_fraction: float = 0.05):
-        if not 0 <= max_bad_fraction < 1:
-            raise ValueError(f"max_bad_fraction must lie in [0, 1), got {max_bad_fraction}")
-        self.dataset, self.seed, self.max_bad_fraction = dataset, seed, max_bad_fraction
-        self.attempts = self.failures = 0  # per process: each DataLoader worker counts its own
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, int, int, int]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, int, int, list[str]]:
         step, index = key
         replacements = rng_for(self.seed, step, index, stream=RETRY_STREAM)
-        bad = 0
-        while True:
-            self.attempts += 1
+        skipped = []
+        while len(skipped) < MAX_RETRIES:
             try:
                 clip, label = self.dataset.load(index, rng_for(self.seed, step, index, stream=AUGMENT_STREAM))
-                return clip, label, step, bad
+                return clip, label, step, skipped
             except DataError as e:
-                self.failures += 1
-                log.warning("step %d: skipping a clip: %s", step, e)
-                if self.attempts >= 20 and self.failures > self.max_bad_fraction * self.attempts:
-                    raise DataError(
-                        f"{self.failures} of {self.attempts} clips failed to load in this process, more than "
-                        f"max_bad_fraction={self.max_bad_fraction}: check the data list (the warnings above "
-                        "name the files) or raise the limit: make_train_loader(max_bad_fraction=...)") from e
-                index, bad = int(replacements.integers(len(self.dataset))), bad + 1
+                skipped.append(str(e))
+                index = int(replacements.integers(len(self.dataset)))
+        raise DataError(f"{MAX_RETRIES} videos in a row could not be loaded (the last: {skipped[-1]}): "
+                        "check the data list")
+
+
+def check_bad_fraction(bad: int, loaded: int, max_bad_fraction: float):
+    """Stop once more than max_bad_fraction of the run's load attempts (at least 20) have failed: that many
+    bad files means a broken data list, not a few corrupt videos. train.py counts for the whole run (resumes
+    included) in the main process, so the number of workers does not change when a run stops."""
+    tried = bad + loaded
+    if tried >= 20 and bad > max_bad_fraction * tried:
+        raise DataError(f"{bad} of {tried} clips failed to load, more than --max-bad-fraction "
+                        f"{max_bad_fraction}: check the data list (the messages above name the files) or "
+                        "raise the limit")
+
+
+def serve_through_stop_signals(worker_id: int):
+    """DataLoader worker_init_fn. Ctrl-C and a scheduler's SIGTERM reach every process of a job, the workers
+    included; the main process then finishes its step and saves, so the workers keep serving it. Only a
+    SIGTERM from the main process itself (multiprocessing ending its workers) ends a worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: the workers stop with the signal, as by default
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # then read, with its sender, by `watch`
+    parent = os.getppid()
+
+    def watch():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def make_train_loader(dataset, masker, batch_size: int, start_step: int, total_steps: int, seed: int = 0,
-                      rank: int = 0, world_size: int = 1, workers: int = 0,
-                      max_bad_fraction: float = 0.05) -> torch.utils.data.DataLoader:
+                      rank: int = 0, world_size: int = 1, workers: int = 0) -> torch.utils.data.DataLoader:
     """The pretraining loader: batch s is MaskCollator's dict for step s, the same for a given (seed, rank)
     whatever `workers` is and wherever the run was resumed."""
     return torch.utils.data.DataLoader(
-        TrainStream(dataset, seed, max_bad_fraction),
+        TrainStream(dataset, seed),
         batch_sampler=StepSampler(len(dataset), batch_size, start_step, total_steps, seed, rank, world_size),
-        collate_fn=MaskCollator(masker, rank), num_workers=workers, persistent_workers=workers > 0,
+        collate_fn=MaskCollator(masker, rank), num_workers=workers, worker_init_fn=serve_through_stop_signals,
         pin_memory=torch.cuda.is_available())
 
 

@@ -143,10 +143,11 @@ class RandomTubeMasker:
 class MaskCollator:
     """DataLoader collate_fn that stacks samples and draws the step's masks inside the worker.
 
-    Samples are (clip, label, step, bad) tuples: the sampler tells each sample which step it belongs to
+    Samples are (clip, label, step, skipped) tuples: the sampler tells each sample which step it belongs to
     (see data.StepSampler), so masks depend on (seed, step, rank) only, never on worker scheduling;
-    `bad` counts unreadable videos skipped to produce the sample.
-    Returns {"clips": (B, 3, T, H, W), "labels": (B,), "masks": [(ctx, tgt), ...], "step": int, "bad": int}.
+    `skipped` lists the messages of the unreadable videos skipped to produce the sample.
+    Returns {"clips": (B, 3, T, H, W), "labels": (B,), "masks": [(ctx, tgt), ...], "step": int,
+    "skipped": [message, ...]}.
     """
 
     def __init__(self, masker, rank: int = 0):
@@ -161,4 +162,4 @@ class MaskCollator:
                 "labels": torch.as_tensor([s[1] for s in samples]),  # (B,)
                 "masks": self.masker(len(samples), step, self.rank),
                 "step": step,
-                "bad": sum(s[3] for s in samples)}
+                "skipped": [m for s in samples for m in s[3]]}

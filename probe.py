@@ -37,6 +37,7 @@ from tqdm import tqdm
 import data
 import train
 import vjepa
+from train import COUNT, FOLDER, NON_NEGATIVE, POSITIVE, check_config, one_of
 from vjepa import PRESETS
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,6 +209,16 @@ class ProbeConfig:
 
 CHOICES = {"size": ["", *PRESETS], "data": ["synthetic", "videos", "images"],
            "label": list(data.SyntheticVideos.LABELS), "scene": ["", *data.SCENES]}
+# The allowed values of each field, checked before anything is read or built (as train.RULES); the file and
+# folder options are checked where they are read, which names the file.
+RULES = {
+    **{name: one_of(*choices) for name, choices in CHOICES.items()},
+    "synthetic_train": COUNT, "synthetic_val": COUNT, "frame_step": COUNT, "segments": COUNT, "views": COUNT,
+    "train_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"), "depth": COUNT, "epochs": NON_NEGATIVE,
+    "batch_size": COUNT, "lr": POSITIVE, "val_every": COUNT,
+    "weight_decay": (lambda v: v is None or NON_NEGATIVE[0](v), ">= 0"), "out": FOLDER, "seed": NON_NEGATIVE,
+    "workers": NON_NEGATIVE,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> ProbeConfig:
@@ -400,6 +411,9 @@ def evaluate(classifier, batches, num_classes: int, amp) -> dict:
                 probs.append(predict(classifier, feats).cpu())
             labels.append(y.cpu())
     probs, labels = torch.cat(probs), torch.cat(labels)
+    if not len(labels):  # an accuracy over no video would look like a result
+        raise ValueError(f"none of the {len(errors)} validation videos could be read (the first: "
+                         f"{errors[0]}): no accuracy to report")
     top = probs.topk(min(5, num_classes), dim=1).indices  # (M, 5)
     n, hits = len(labels), (top[:, 0] == labels).sum().item()
     res = {"top1": 100 * hits / max(n, 1), "readable": n, "unreadable": len(errors),
@@ -442,6 +456,9 @@ def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd
             scaler.update()
             losses.append(loss.item())
             correct, seen = correct + (logits.argmax(1) == y).sum().item(), seen + len(y)
+        if not seen:
+            raise ValueError(f"none of the {len(errors)} training videos could be read (the first: "
+                             f"{errors[0]}): nothing to train the probe on")
         yield epoch, float(np.mean(losses)), 100 * correct / max(seen, 1), errors
 
 
@@ -473,10 +490,9 @@ def with_defaults(cfg: ProbeConfig) -> ProbeConfig:
     video, 0.001 for images). The built-in synthetic data has 1,024 training clips: batch 64 and lr 2e-3
     give the tiny encoder's probe 320 updates in 20 epochs, where 256 would give it 80."""
     synthetic = cfg.data == "synthetic"
-    return replace(cfg, batch_size=cfg.batch_size or (64 if synthetic else 256),
-                   lr=cfg.lr or (2e-3 if synthetic else 1e-3),
-                   weight_decay=cfg.weight_decay if cfg.weight_decay is not None else
-                   (1e-3 if cfg.data == "images" else 1e-2))
+    defaults = {"batch_size": 64 if synthetic else 256, "lr": 2e-3 if synthetic else 1e-3,
+                "weight_decay": 1e-3 if cfg.data == "images" else 1e-2}
+    return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
 def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
@@ -484,11 +500,12 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
     backbone, so that repeated probes of it (other label fractions) reuse its frozen features."""
     t_start = time.time()
     cfg = with_defaults(cfg)
+    check_config(cfg, RULES)
     device = train.pick_device(cfg.device)  # the same device and precision rules as train.py
     precision = train.precision_of(device)
     amp = train.autocast(device, precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    print(train.describe(device, cfg.device, precision))
+    print(train.device_line(device, cfg.device, precision))
     if cfg.epochs == 0 and not cfg.probe_checkpoint:
         raise ValueError("--epochs 0 evaluates a trained probe: give --probe-checkpoint")
     encoder = load_backbone(cfg).to(device)
@@ -579,7 +596,7 @@ def main(argv: list[str] | None = None):
     cfg = parse_args(argv)
     try:
         probe(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad input (data.DataError is a ValueError): no traceback
+    except (ValueError, OSError) as e:  # bad input (data.DataError is a ValueError), full disk: no traceback
         sys.exit(f"error: {e}")
 
 

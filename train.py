@@ -14,6 +14,7 @@ data are pure functions of (seed, step, rank): resuming sets the step and replay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+
+try:
+    import fcntl  # POSIX file locks; elsewhere (Windows) run folders are not locked
+except ImportError:
+    fcntl = None
 
 import data
 import masking
@@ -78,6 +84,47 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda, else Apple's mps, else cpu; or cpu, cuda, cuda:N, mps
     benchmark: bool = False  # time synthetic steps on the device instead of training (no data, no saving)
     benchmark_steps: int = 20
+    allow_config_change: bool = False  # --resume with settings other than the checkpoint's (read_for_resume)
+
+
+def one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(map(repr, choices))
+
+
+COUNT = (lambda v: v >= 1, ">= 1")
+NON_NEGATIVE = (lambda v: 0 <= v < math.inf, ">= 0")
+POSITIVE = (lambda v: 0 < v < math.inf, "> 0")
+UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+FOLDER = (lambda v: not Path(v).is_file(), "a folder, not an existing file")
+
+
+# The allowed values of each field, checked before anything is built or read. data and device are checked
+# where they are used (data.VideoList names the list file; setup_distributed the device).
+RULES = {
+    "size": one_of(*PRESETS), "out": FOLDER,
+    "steps": COUNT, "batch_size": COUNT, "lr": POSITIVE, "start_lr": NON_NEGATIVE, "final_lr": NON_NEGATIVE,
+    "warmup": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "final_weight_decay": NON_NEGATIVE,
+    "ema_start": UNIT, "ema_end": UNIT,
+    # below 1 the schedules would end before the training does, and the EMA momentum pass --ema-end
+    "horizon_scale": (lambda v: 1 <= v < math.inf, ">= 1"), "clip_grad": NON_NEGATIVE,
+    "target": one_of("features", "pixels"), "masking": one_of("multiblock", "tube"),
+    "tube_ratio": (lambda v: 0 < v < 1, "in (0, 1)"), "truncation": one_of("official", "random"),
+    "synthetic_size": COUNT, "frame_step": COUNT, "workers": NON_NEGATIVE,
+    "max_bad_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "seed": NON_NEGATIVE, "log_every": COUNT,
+    "save_every": COUNT, "benchmark_steps": COUNT,
+}
+
+
+def check_config(cfg, rules: dict):
+    """Raise ValueError naming the first flag whose value breaks its rule, and the allowed range."""
+    for name, (test, allowed) in rules.items():
+        value = getattr(cfg, name)
+        try:
+            ok = test(value)
+        except TypeError:  # a string where a number belongs (from Python, not the command line)
+            ok = False
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {value!r}")
 
 
 PAPER = {"steps": 90_000, "batch_size": 24, "lr": 6.25e-4, "start_lr": 2e-4, "warmup": 12_000, "workers": 8}
@@ -187,6 +234,21 @@ def model_flops(mc: ModelConfig, n_ctx: list[int], n_tgt: list[int], batch: int,
     return batch * total
 
 
+CPU_FLOPS = 67e9  # the tiny model's step on the 2-core development CPU: 0.043 TFLOP in 0.64 s (README)
+
+
+def cpu_warning(cfg: TrainConfig, mc: ModelConfig, masker, steps: int) -> str | None:
+    """What `steps` steps of this model mean on a CPU, when that is more than a day."""
+    masks = masker(cfg.batch_size, 0)
+    flops = model_flops(mc, [c.shape[1] for c, _ in masks], [t.shape[1] for _, t in masks], cfg.batch_size)
+    days = steps * flops / CPU_FLOPS / 86400
+    if days > 1:
+        return (f"warning: {steps:,} steps of --size {cfg.size} on a CPU, {flops / 1e12:.1f} TFLOP each: "
+                f"about {days:,.0f} days at the {CPU_FLOPS / 1e9:.0f} GFLOP/s of a 2-core laptop (a large "
+                "server CPU may be ~10x faster). Train it on a GPU, or use --size tiny on a CPU")
+    return None
+
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
 
 
@@ -202,25 +264,90 @@ def peak_flops(device: torch.device) -> float | None:
 # Checkpoints: self-describing (both configs inside), written atomically, loaded with weights_only=True.
 
 
-def save_checkpoint(path: Path, model: VJEPA, opt, cfg: TrainConfig, step: int, extra: dict):
+def save_checkpoint(path: Path, model: VJEPA, opt, cfg: TrainConfig, step: int, extra: dict,
+                    previous: int | None = None):
+    """Atomically: a kill while writing leaves the previous checkpoint (from step `previous`) intact; a failed
+    write (a full disk) also removes its partial file and says so in one line."""
     state = {"model_config": asdict(model.cfg), "train_config": asdict(cfg), "step": step,
              "model": model.state_dict(), "optimizer": opt.state_dict(), **extra}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill during torch.save leaves the previous checkpoint intact
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # one per process: two writers never share it
+    try:
+        with open(tmp, "wb") as f:  # a Python file, so that a failed write keeps its OSError (the errno)
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = e  # torch wraps the OSError of a failed write into a RuntimeError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        kept = f"the previous checkpoint (step {previous}) is intact" if previous is not None else \
+            "no checkpoint of this run was saved before"
+        raise OSError(f"could not write {path}: {cause.strerror or cause}; {kept}") from None
 
 
-def load_checkpoint(path: Path, model: VJEPA, opt, cfg: TrainConfig) -> dict:
-    """Fill model and optimizer from path; raises (never restarts from scratch) when it cannot."""
+# Fields that cannot change what a run computes: they may differ between a checkpoint and its --resume.
+HARMLESS = {"out", "resume", "workers", "log_every", "save_every", "device", "compile", "checkpoint_act",
+            "benchmark", "benchmark_steps", "max_bad_fraction", "allow_config_change"}
+
+
+def read_for_resume(path: Path, cfg: TrainConfig, mc: ModelConfig) -> dict:
+    """The checkpoint to continue, checked before anything is built; raises (never restarts from scratch)
+    when it cannot be continued as asked. Any other setting (seed, batch, data, schedule, --steps, which sets
+    the schedules' horizon) would make the resumed run differ from the run the checkpoint belongs to."""
     ckpt = vjepa.read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "optimizer" not in ckpt:
         raise ValueError(f"{path} is not a training checkpoint of this project (no model_config/optimizer)")
-    if ModelConfig(**ckpt["model_config"]) != model.cfg:
+    if vjepa.model_config_of(ckpt, path) != mc:
         raise ValueError(f"{path} holds model {ckpt['model_config']}, but --size {cfg.size} builds "
-                         f"{asdict(model.cfg)}")
-    model.load_state_dict(ckpt["model"], strict=True)
-    opt.load_state_dict(ckpt["optimizer"])
+                         f"{asdict(mc)}")
+    stored = ckpt.get("train_config", {})
+    changed = [f"--{k.replace('_', '-')} {stored[k]} -> {v}" for k, v in asdict(cfg).items()
+               if k in stored and k not in HARMLESS and stored[k] != v]
+    if changed and not cfg.allow_config_change:
+        raise ValueError(f"{path} was trained with other settings ({', '.join(changed)}): resume with its "
+                         "settings, or pass --allow-config-change to continue with the new ones")
+    if changed:
+        print(f"resuming with changed settings: {', '.join(changed)}")
+    if ckpt["step"] > cfg.steps:
+        raise ValueError(f"{path} is at step {ckpt['step']}, beyond --steps {cfg.steps}")
     return ckpt
+
+
+@contextlib.contextmanager
+def run_folder(out: Path):
+    """One training process at a time per run folder: an OS lock on <out>/.lock, released when the run ends
+    and by the kernel when the process is killed."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another training process is using {out} (it holds {out / '.lock'}): wait "
+                                 "for it to end, or choose another --out") from None
+        for tmp in out.glob("ckpt.pt.tmp.*"):  # a killed run's partial write: no one else writes here now
+            tmp.unlink()
+        yield
+
+
+def open_log(path: Path, resume_step: int | None):
+    """log.jsonl holds one row per step: a fresh run starts it anew, a resumed one keeps the rows up to its
+    checkpoint's step (a killed run logs past its last save; a kill can cut the last line)."""
+    if resume_step is None:
+        return path.open("w")
+
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+    rows = path.read_text().splitlines() if path.exists() else []
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text("".join(r + "\n" for r in rows if step_of(r) <= resume_step))
+    os.replace(tmp, path)
+    return path.open("a")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,7 +399,7 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast("cuda" if device.type == "cuda" else "cpu", dtype=dtype, enabled=dtype is not None)
 
 
-def describe(device: torch.device, requested: str, precision: str) -> str:
+def device_line(device: torch.device, requested: str, precision: str) -> str:
     """The start-of-run line's device part, e.g. 'device cuda (auto), precision bf16 autocast'."""
     name = f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     how = "auto" if requested == "auto" else "as asked"
@@ -310,48 +437,76 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
 
     on_log(row): called with each log row (a dict, as in log.jsonl), e.g. for a live plot in a notebook.
     """
+    # Bad options, a bad data list, a checkpoint that cannot be continued, a folder that holds another run:
+    # each fails here, before the model is built.
+    check_config(cfg, RULES)
     rank, world, device = setup_distributed(cfg)
     main_proc = rank == 0
     say = print if main_proc else (lambda *a, **k: None)
     mc = model_config(cfg)
-    masker = make_masker(cfg, mc)  # bad options and a bad data list fail here, before building the model
-    dataset = None if cfg.benchmark else make_dataset(cfg, mc)
+    masker = make_masker(cfg, mc)
+    if cfg.benchmark:
+        return benchmark(cfg, mc, masker, device, world, say)
+    dataset = make_dataset(cfg, mc)
+    out = Path(cfg.out)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = read_for_resume(ckpt_path, cfg, mc) if cfg.resume else None
+    if main_proc and not cfg.resume and ckpt_path.exists():
+        raise ValueError(f"{ckpt_path} exists: use --resume to continue that run, or choose another --out "
+                         f"(or delete {out} to start it over)")
+    remaining = cfg.steps - (ckpt["step"] if ckpt else 0)
+    if device.type == "cpu" and (warning := cpu_warning(cfg, mc, masker, remaining)):
+        say(warning, file=sys.stderr)
+    with run_folder(out) if main_proc else contextlib.nullcontext():
+        return fit(cfg, mc, masker, dataset, ckpt, rank, world, device, on_log)
+
+
+def build(cfg: TrainConfig, mc: ModelConfig, device: torch.device, world: int):
+    """(model, what the step calls, optimizer, autocast context, loss scaler)."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = VJEPA(mc).to(device)
     model.encoder.grad_checkpointing = cfg.checkpoint_act  # the context encoder holds most activations
     opt = make_optimizer(model, device)
-    out = Path(cfg.out)
-    ckpt_path = out / "ckpt.pt"
     precision = precision_of(device)  # bf16, fp16 (with loss scaling) or fp32: see pick_device's section
     amp = autocast(device, precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a pass-through when disabled
-    start, extra = 0, {"bad_clips": 0}
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, model, opt, cfg)
-        start, extra = ckpt["step"], {"bad_clips": ckpt.get("bad_clips", 0)}
-        if ckpt.get("scaler") and scaler.is_enabled():  # fp16: continue with the same loss scale
-            scaler.load_state_dict(ckpt["scaler"])
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     step_fn = torch.compile(ddp, dynamic=True) if cfg.compile else ddp  # token counts vary: dynamic shapes
+    return model, step_fn, opt, amp, scaler
 
+
+def describe(cfg: TrainConfig, mc: ModelConfig, model: VJEPA, world: int, device: torch.device, say):
     n = model.num_params()
     say(f"config: {json.dumps(asdict(cfg))}")
     say(f"model {cfg.size}: {json.dumps(asdict(mc))}")
     say(f"parameters: encoder {n['encoder']:,}  predictor {n['predictor']:,} | tokens per clip "
         f"{mc.num_tokens} (grid {'x'.join(map(str, mc.grid))}) | global batch {cfg.batch_size * world} = "
-        f"{cfg.batch_size} x {world} process(es) | {describe(device, cfg.device, precision)}")
-    if cfg.benchmark:
-        return benchmark(cfg, model, step_fn, opt, scaler, masker, amp, device, say)
+        f"{cfg.batch_size} x {world} process(es) | {device_line(device, cfg.device, precision_of(device))}")
 
+
+def fit(cfg, mc, masker, dataset, ckpt, rank, world, device, on_log) -> dict:
+    main_proc = rank == 0
+    say = print if main_proc else (lambda *a, **k: None)
+    model, step_fn, opt, amp, scaler = build(cfg, mc, device, world)
+    start, extra = 0, {"bad_clips": 0}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"], strict=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        start, extra = ckpt["step"], {"bad_clips": ckpt.get("bad_clips", 0)}
+        if ckpt.get("scaler") and scaler.is_enabled():  # fp16: continue with the same loss scale
+            scaler.load_state_dict(ckpt["scaler"])
+    describe(cfg, mc, model, world, device, say)
     loader = data.make_train_loader(dataset, masker, cfg.batch_size, start, cfg.steps, seed=cfg.seed,
                                     rank=rank, world_size=world, workers=cfg.workers)
-    out.mkdir(parents=True, exist_ok=True)
-    log = (out / "log.jsonl").open("a") if main_proc else None
+    out = Path(cfg.out)
+    ckpt_path = out / "ckpt.pt"
+    saved = start if ckpt is not None else None  # the step of the checkpoint on disk
+    log = open_log(out / "log.jsonl", saved) if main_proc else None
     losses, pending = [], []  # pending: (step, loss tensor) since the last log line, checked in one sync
     t_log, clips_since = time.perf_counter(), 0
     peak = peak_flops(device)
     done = start
-    stop = on_ctrl_c()
+    stop, handlers = on_stop_signals()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not main_proc, dynamic_ncols=True)
     try:
         for batch in loader:
@@ -375,12 +530,19 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
             scaler.step(opt)  # fp16: skips the step when a gradient overflowed
             scaler.update()
             model.update_target(m)
-            extra["bad_clips"] += batch["bad"]
+            # unreadable videos: named above the bar, counted over the whole run against --max-bad-fraction
+            for message in batch["skipped"]:
+                tqdm.write(f"step {step}: skipped {message}", file=sys.stderr)
+            extra["bad_clips"] += len(batch["skipped"])
             pending.append((step, res["loss"].detach()))
             clips_since += clips.shape[0] * world
             bar.update(1)
             done = step + 1
-            if done % cfg.log_every == 0 or done % cfg.save_every == 0 or done == cfg.steps:
+            data.check_bad_fraction(extra["bad_clips"], done * cfg.batch_size, cfg.max_bad_fraction)
+            # timing and logging; a stop signal ends the run after this step, logged and saved
+            at_line = done % cfg.log_every == 0 or done % cfg.save_every == 0 or done == cfg.steps
+            stopping = agree_to_stop(stop, at_line, world, device)
+            if at_line or stopping:
                 vals = check_finite(pending, ckpt_path)  # one host sync per log line
                 losses += vals
                 pending = []
@@ -401,21 +563,22 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
                     if on_log:
                         on_log(row)
                 t_log, clips_since = time.perf_counter(), 0
-            if main_proc and (done % cfg.save_every == 0 or done == cfg.steps):
-                save_checkpoint(ckpt_path, model, opt, cfg, done, extra | {"scaler": scaler.state_dict()})
-            if stop.is_set():  # Ctrl-C: the step in flight has finished; keep what it taught
-                losses += check_finite(pending, ckpt_path) if pending else []
-                if main_proc:
-                    save_checkpoint(ckpt_path, model, opt, cfg, done, extra | {"scaler": scaler.state_dict()})
-                say(f"\ninterrupted: saved {ckpt_path} at step {done}; continue with --resume")
+            if main_proc and (done % cfg.save_every == 0 or done == cfg.steps or stopping):
+                state = extra | {"scaler": scaler.state_dict()}  # the fp16 loss scale (empty otherwise)
+                save_checkpoint(ckpt_path, model, opt, cfg, done, state, saved)
+                saved = done
+            if stopping:  # Ctrl-C or SIGTERM: the step in flight has finished; keep what it taught
+                say(f"\nstopped by {stop.name}: saved {ckpt_path} at step {done} of {cfg.steps}; continue "
+                    "with --resume")
                 break
     finally:
         bar.close()
         if log:
             log.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     if extra["bad_clips"]:
-        say(f"skipped {extra['bad_clips']} unreadable video(s) during training (see the warnings above)")
+        say(f"skipped {extra['bad_clips']} unreadable video(s) during training (named above)")
     if main_proc:
         plot_losses(out, mc.dim)
         say(f"done: {ckpt_path} (step {done}), log {out / 'log.jsonl'}, curve {out / 'loss.png'}")
@@ -424,18 +587,35 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     return {"losses": losses, "step": done, "out": str(out)}
 
 
-def on_ctrl_c() -> threading.Event:
-    """First Ctrl-C: finish the current step, save, exit. A second one interrupts at once."""
-    stop = threading.Event()
+def on_stop_signals() -> tuple[threading.Event, dict]:
+    """The first Ctrl-C (SIGINT) or SIGTERM (how Slurm, Kubernetes and most schedulers preempt a job): finish
+    the current step, save, exit. A second Ctrl-C acts at once; a repeated SIGTERM changes nothing (torchrun
+    passes on the one Slurm also sends to every process). Returns the event and the handlers replaced."""
+    stop, before = threading.Event(), {}
+    stop.name = "a signal to another rank"
 
     def handler(signum, frame):
+        stop.name = signal.Signals(signum).name
         stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)", file=sys.stderr)
+        if signum == signal.SIGINT:
+            signal.signal(signum, before[signum])
+        tqdm.write(f"\n{stop.name}: finishing this step and saving a checkpoint"
+                   + (" (press Ctrl-C again to abort)" if signum == signal.SIGINT else ""), file=sys.stderr)
 
     if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
-        signal.signal(signal.SIGINT, handler)
-    return stop
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            before[signum] = signal.signal(signum, handler)
+    return stop, before
+
+
+def agree_to_stop(stop: threading.Event, at_line: bool, world: int, device: torch.device) -> bool:
+    """One process stops after the step a signal arrived in. Several must stop at the same step (a rank that
+    went on would wait for the others forever): they agree at log lines, where they synchronise anyway."""
+    if world == 1 or not at_line:
+        return world == 1 and stop.is_set()
+    flag = torch.tensor([float(stop.is_set())], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
 
 
 @torch.no_grad()
@@ -515,9 +695,10 @@ def plot_losses(out: Path, dim: int | None = None):
 # Benchmark: synthetic clips already on the device, no data loading, no checkpoints.
 
 
-def benchmark(cfg, model, step_fn, opt, scaler, masker, amp, device, say) -> dict:
+def benchmark(cfg, mc, masker, device, world, say) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
-    mc = model.cfg
+    model, step_fn, opt, amp, scaler = build(cfg, mc, device, world)
+    describe(cfg, mc, model, world, device, say)
     clips = torch.randn(cfg.batch_size, 3, mc.frames, mc.img_size, mc.img_size, device=device)
     batches = [[(c.to(device), t.to(device)) for c, t in masker(cfg.batch_size, s)] for s in range(8)]
 
@@ -586,5 +767,5 @@ if __name__ == "__main__":
         train(parse_args())
     except KeyboardInterrupt:  # a second Ctrl-C
         sys.exit(130)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input, divergence: no traceback
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input, full disk, divergence: no traceback
         sys.exit(f"error: {e}")

@@ -23,9 +23,10 @@ Shape legend
 from __future__ import annotations
 
 import math
+import re
 import sys
 import urllib.parse
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -429,6 +430,10 @@ def load_strict(module: nn.Module, state: dict, what: str, cfg: ModelConfig):
     if missing or unexpected:
         raise ValueError(f"{what} does not fit preset '{name}' (a different depth?): missing keys "
                          f"{missing[:3]}, unexpected keys {unexpected[:3]}")
+    bad = next((k for k, v in state.items()
+                if v.is_floating_point() and not v.is_meta and not torch.isfinite(v).all()), None)
+    if bad is not None:  # a diverged run's weights give features, and accuracies, that mean nothing
+        raise ValueError(f"{what}: weight '{bad}' holds NaN or inf (the run that wrote it diverged)")
     module.load_state_dict(state, strict=True)
 
 
@@ -463,8 +468,26 @@ def read_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # re-raised with the path: a truncated download or a non-torch file
-        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+    except Exception as e:  # our words, not torch's advice to retry with weights_only=False (unsafe)
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:  # a pickle that names Python objects: loading it could run code
+            raise ValueError(f"could not read checkpoint {path}: it holds a Python object ({found[1]}), not "
+                             "only tensors; refused, since loading it could run code") from None
+        raise ValueError(f"could not read checkpoint {path}: not a PyTorch checkpoint, or a truncated or "
+                         f"damaged one ({type(e).__name__}: {str(e).split('. ')[0][:200]})") from None
+
+
+def model_config_of(ckpt: dict, path: str | Path) -> ModelConfig:
+    """The ModelConfig stored in one of this project's checkpoints, checked field by field: a file written by
+    another version of this code (a field unknown here, or of another type) is named as such."""
+    stored, defaults = ckpt["model_config"], asdict(ModelConfig())
+    for k, v in (stored.items() if isinstance(stored, dict) else [("model_config", stored)]):
+        want = type(defaults[k]) if k in defaults else None
+        if want is None or isinstance(v, bool) or not isinstance(v, (int, float) if want is float else want):
+            what = "unknown here" if want is None else f"not a {want.__name__}"
+            raise ValueError(f"{path} was written by another version of this code: its model_config field "
+                             f"{k}={v!r} is {what}")
+    return ModelConfig(**stored)
 
 
 def load_official(path: str | Path, cfg: ModelConfig | str | None = None) -> VJEPA:
@@ -502,7 +525,7 @@ def load_target_encoder(path: str | Path, cfg: ModelConfig | str | None = None) 
     """
     ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and "model_config" in ckpt and "model" in ckpt:  # ours (train.py)
-        own = ModelConfig(**ckpt["model_config"])
+        own = model_config_of(ckpt, path)
         if cfg is not None:
             want = PRESETS[cfg] if isinstance(cfg, str) else cfg
             if not same_size(own, want):  # only the encoder is loaded: the objective may differ

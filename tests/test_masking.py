@@ -101,10 +101,10 @@ def test_random_tube():
 
 def test_collator_stacks_and_uses_the_step():
     masker = MultiBlockMasker((4, 8, 8), seed=0)
-    samples = [(torch.randn(3, 8, 64, 64), i, 12, i % 2) for i in range(3)]
+    samples = [(torch.randn(3, 8, 64, 64), i, 12, [f"v{i}.mp4: corrupt"] * (i % 2)) for i in range(3)]
     batch = MaskCollator(masker)(samples)
     assert batch["clips"].shape == (3, 3, 8, 64, 64) and batch["labels"].tolist() == [0, 1, 2]
-    assert batch["step"] == 12 and batch["bad"] == 1
+    assert batch["step"] == 12 and batch["skipped"] == ["v1.mp4: corrupt"]
     assert torch.equal(batch["masks"][0][0], masker(3, 12)[0][0])
     with pytest.raises(ValueError, match="one step"):
-        MaskCollator(masker)([(torch.zeros(1), 0, 1, 0), (torch.zeros(1), 0, 2, 0)])
+        MaskCollator(masker)([(torch.zeros(1), 0, 1, []), (torch.zeros(1), 0, 2, [])])

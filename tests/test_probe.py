@@ -1,6 +1,7 @@
 """Claims about probe.py: it is the official attentive probe (same logits, same names, the unapplied `proj`),
 it evaluates views and segments as the official code, it learns, and it reports bad input clearly."""
 import json
+import re
 import shutil
 from collections import Counter
 from dataclasses import asdict, replace
@@ -328,3 +329,78 @@ def test_memo_reuses_features_and_gives_the_same_result(tmp_path):
     motion = {**base, "label": "motion"}  # the other label set reuses the features too
     with_memo = probe.probe(ProbeConfig(**motion), memo=memo)["top1"]
     assert with_memo == probe.probe(ProbeConfig(**motion))["top1"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results that would look valid but are not: refused, with a message and no results.json
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("segments", 0, "--segments must be >= 1"), ("views", 0, "--views must be >= 1"),
+    ("batch_size", 0, "--batch-size must be >= 1"), ("lr", -1.0, "--lr must be > 0"),
+    ("train_fraction", 0.0, r"--train-fraction must be in \(0, 1\]"), ("epochs", -1, "--epochs must be >= 0"),
+    ("weight_decay", -0.1, "--weight-decay must be >= 0"), ("label", "colour", "--label must be one of")])
+def test_bad_options_are_refused_before_the_encoder_is_loaded(ours, tmp_path, monkeypatch, field, value,
+                                                              message):
+    monkeypatch.setattr(probe, "load_backbone", lambda cfg: pytest.fail("the encoder was loaded"))
+    with pytest.raises(ValueError, match=message):
+        probe.probe(ProbeConfig(checkpoint=str(ours), out=str(tmp_path / "run"), **{field: value}))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="--out must be a folder, not an existing file"):
+        probe.probe(ProbeConfig(checkpoint=str(ours), out=str(tmp_path / "file")))
+
+
+def test_files_that_are_not_checkpoints_get_our_message(tmp_path):
+    """Never torch's advice to retry with weights_only=False: that would let the file run code."""
+    torch.save({"x": np.zeros(3)}, tmp_path / "pickled.pt")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(3000))
+    for name, reason in (("pickled.pt", r"holds a Python object \(numpy.*could run code"),
+                         ("random.pt", "not a PyTorch checkpoint, or a truncated or damaged one")):
+        with pytest.raises(SystemExit) as e:
+            probe.main(["--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "run")])
+        assert re.search(reason, str(e.value.code)) and "weights_only" not in str(e.value.code)
+        assert str(e.value.code).startswith(f"error: could not read checkpoint {tmp_path / name}: ")
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(ours, tmp_path):
+    ckpt = torch.load(ours, weights_only=True)
+    ckpt["model"]["target_encoder.blocks.0.mlp.fc1.weight"][3, 5] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"weight 'blocks.0.mlp.fc1.weight' holds NaN or inf"):
+        probe.probe(ProbeConfig(checkpoint=str(tmp_path / "nan.pt"), out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, message", [({"rope": True}, "field rope=True is unknown here"),
+                                             ({"dim": "128"}, "field dim='128' is not a int")])
+def test_a_checkpoint_from_another_version_is_named(ours, tmp_path, change, message):
+    ckpt = torch.load(ours, weights_only=True)
+    ckpt["model_config"].update(change)
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=f"other.pt was written by another version of this code.*{message}"):
+        probe.probe(ProbeConfig(checkpoint=str(tmp_path / "other.pt"), out=str(tmp_path / "run")))
+
+
+def test_no_result_from_unreadable_videos(ours, tmp_path):
+    """Every validation (or training) video unreadable: an error and no results.json, not "0.00% over 0
+    readable videos"."""
+    for i in range(2):
+        write_video(tmp_path / f"v{i}.mp4")
+        (tmp_path / f"bad{i}.mp4").write_bytes(b"\x00\x01 not a video" * 50)
+    (tmp_path / "good.txt").write_text("v0.mp4 0\nv1.mp4 1\n")
+    (tmp_path / "bad.txt").write_text("bad0.mp4 0\nbad1.mp4 1\n")
+    good, bad, run = str(tmp_path / "good.txt"), str(tmp_path / "bad.txt"), tmp_path / "run"
+    base = {"checkpoint": str(ours), "data": "videos", "epochs": 1, "batch_size": 2, "out": str(run)}
+    with pytest.raises(ValueError, match=r"none of the 2 validation videos could be read \(the first: .*bad"):
+        probe.probe(ProbeConfig(**base, train_list=good, val_list=bad))
+    with pytest.raises(ValueError, match=r"none of the 2 training videos could be read"):
+        probe.probe(ProbeConfig(**base, train_list=bad, val_list=good))
+    assert not (run / "results.json").exists() and not (run / "probe.pth.tar").exists()
+
+
+def test_an_absurd_label_is_refused_with_its_line(ours, tmp_path):
+    """A label of 10^12 would make a probe of 10^12 outputs (terabytes): the list's line is named instead."""
+    (tmp_path / "val.txt").write_text("a.mp4 0\nb.mp4 1000000000000\n")
+    with pytest.raises(data.DataError, match=r"val.txt:2: the label must be an integer in \[0, 100,000\)"):
+        probe.probe(ProbeConfig(checkpoint=str(ours), data="videos", train_list=str(tmp_path / "val.txt"),
+                                val_list=str(tmp_path / "val.txt"), out=str(tmp_path / "run")))

@@ -1,10 +1,15 @@
 """Claims about train.py: official schedules, a CLI from the config, training lowers the loss, exact resume,
-clean stops (non-finite loss, Ctrl-C), FLOP counting, multi-process runs."""
+clean stops (non-finite loss, Ctrl-C, SIGTERM), FLOP counting, multi-process runs, and what happens when
+things go wrong (README, "What happens when things go wrong")."""
+import errno
+import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,6 +17,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import masking
 import train
 import vjepa
@@ -153,7 +159,7 @@ def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     train.save_checkpoint(path, model, opt, TrainConfig(), 3, {})
 
     def killed(*args, **kwargs):
-        Path(args[1]).write_bytes(b"half a file")
+        args[1].write(b"half a file")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", killed)
@@ -228,7 +234,8 @@ def test_compiled_step_equals_eager():
 
 def test_trains_on_a_video_list_and_reports_skipped_videos(tmp_path, capsys):
     """Real video end to end: PyAV-written mp4s in the official list format, one of them corrupt. Training
-    goes on, counts the skipped clip in the log and reports it at the end."""
+    goes on, counts the skipped clip in the log and reports it at the end. Each skipped video is named on a
+    line of its own above the progress bar (tqdm.write), never in the middle of the bar."""
     from test_data import write_video  # the PyAV writer of the data tests
 
     for i in range(3):
@@ -241,7 +248,12 @@ def test_trains_on_a_video_list_and_reports_skipped_videos(tmp_path, capsys):
     assert len(res["losses"]) == 2
     rows = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert rows[-1]["bad_clips"] >= 1
-    assert "unreadable video(s)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "unreadable video(s)" in out
+    skips = [line.split("\r")[-1] for line in err.split("\n") if "broken.mp4" in line]
+    assert len(skips) == rows[-1]["bad_clips"]
+    named = r"step \d: skipped .*broken.mp4 \(.*list.txt:3\): cannot decode.*"
+    assert all(re.fullmatch(named, line) for line in skips)
 
 
 @pytest.mark.parametrize("option", [{"target": "pixels"}, {"masking": "tube", "tube_ratio": 0.75}])
@@ -256,12 +268,16 @@ def test_ablation_options_train(tmp_path, option):
 
 
 def test_command_line_errors_are_messages_not_tracebacks(tmp_path):
+    (tmp_path / "a_file").write_text("")
     for args, message in ((["--data", str(tmp_path / "missing.txt")], "list file not found"),
-                          (["--masking", "blocks"], "masking must be 'multiblock' or 'tube'"),
-                          (["--truncation", "latest"], "truncation must be 'official' or 'random'")):
-        res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out", str(tmp_path)],
+                          (["--masking", "blocks"], "--masking must be one of 'multiblock', 'tube'"),
+                          (["--truncation", "latest"], "--truncation must be one of 'official', 'random'"),
+                          (["--out", str(tmp_path / "a_file")], "--out must be a folder, not an existing"),
+                          (["--log-every", "0"], "--log-every must be >= 1, got 0")):
+        res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "run"), *args],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr
+        assert res.returncode == 1 and res.stderr == f"error: {res.stderr[7:]}" and message in res.stderr
+        assert res.stderr.count("\n") == 1  # one line, no traceback
 
 
 def test_effective_rank_counts_directions():
@@ -360,3 +376,220 @@ def test_fp16_path_scales_the_loss_and_resumes_with_its_scale(tmp_path, monkeypa
                         lambda self, state: (loaded.update(state), real(self, state)))
     train.train(small(tmp_path, steps=7, warmup=2, resume=True))
     assert loaded["scale"] == saved["scale"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "--steps must be >= 1, got 0"), ("save_every", 0, "--save-every must be >= 1"),
+    ("horizon_scale", 0.0, "--horizon-scale must be >= 1"), ("lr", -1e-3, "--lr must be > 0"),
+    ("ema_start", 2.0, "--ema-start must be in [0, 1]"), ("ema_end", float("nan"), "--ema-end must be in"),
+    ("frame_step", 0, "--frame-step must be >= 1"), ("batch_size", 0, "--batch-size must be >= 1"),
+    ("max_bad_fraction", 1.0, "--max-bad-fraction must be in [0, 1)"), ("seed", -1, "--seed must be >= 0"),
+    ("tube_ratio", 1.0, "--tube-ratio must be in (0, 1)"), ("warmup", "10", "--warmup must be >= 0")])
+def test_bad_options_are_refused_before_anything_is_built(tmp_path, monkeypatch, field, value, message):
+    def never(*args):
+        raise AssertionError("the model was built")
+    monkeypatch.setattr(train, "VJEPA", never)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        train.train(small(tmp_path, **{field: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cpu_is_told_what_a_paper_size_run_means():
+    """--size vitl16 on a CPU: 90,000 steps of 62 TFLOP are years at a laptop's speed; the warning says so.
+    The laptop recipe gets no warning."""
+    def warning(cfg):
+        mc = train.model_config(cfg)
+        return train.cpu_warning(cfg, mc, train.make_masker(cfg, mc), cfg.steps)
+    text = warning(recipe("vitl16"))
+    assert text.startswith("warning: 90,000 steps of --size vitl16 on a CPU") and " days at " in text
+    assert int(text.split("about ")[1].split(" days")[0].replace(",", "")) > 365
+    assert warning(recipe("tiny")) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs are never lost: one process per run folder, no silent restart, preemption saves, full disks named
+
+
+def test_a_fresh_run_never_overwrites_a_checkpoint(tmp_path):
+    train.train(small(tmp_path, steps=2, save_every=2))
+    before = (tmp_path / "run/ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"ckpt.pt exists: use --resume to continue that run, or choose"):
+        train.train(small(tmp_path, steps=4))
+    assert (tmp_path / "run/ckpt.pt").read_bytes() == before
+
+
+def test_one_process_per_run_folder_and_the_lock_is_released(tmp_path):
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run/.lock", "w") as other:  # another training process holds the folder
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="another training process is using"):
+            train.train(small(tmp_path, steps=1))
+    (tmp_path / "run/ckpt.pt.tmp.99999").write_bytes(b"partial")  # left by a killed run
+    train.train(small(tmp_path, steps=1))
+    assert not list((tmp_path / "run").glob("*.tmp*"))
+    with open(tmp_path / "run/.lock", "w") as again:  # released when the run ended
+        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_temporary_checkpoint_files_are_unique_per_process(tmp_path, monkeypatch):
+    written = []
+    real = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(f.name), real(obj, f)))
+    model = vjepa.VJEPA(vjepa.PRESETS["tiny"])
+    train.save_checkpoint(tmp_path / "ckpt.pt", model, train.make_optimizer(model, torch.device("cpu")),
+                          TrainConfig(), 1, {})
+    assert written == [str(tmp_path / f"ckpt.pt.tmp.{os.getpid()}")]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    """A scheduler's preemption (Slurm, Kubernetes: SIGTERM to every process of the job, DataLoader workers
+    included) is the first Ctrl-C: the step finishes, a checkpoint is saved, exit code 0."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--steps", "100000", "--batch-size", "2", "--log-every",
+           "1", "--save-every", "100000", "--synthetic-size", "32", "--workers", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    def logged():
+        return len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").is_file() else 0
+    deadline = time.time() + 120
+    while logged() < 3 and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, as a scheduler does
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "SIGTERM: finishing this step" in stderr and "stopped by SIGTERM: saved" in stdout
+    steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == steps[-1]
+    assert not (out / "ckpt.pt.tmp").exists() and not list(out.glob("*.tmp*"))
+
+
+def test_resume_after_a_crash_keeps_one_log_row_per_step(tmp_path, monkeypatch):
+    """Killed at step 8 with the last checkpoint at 5: the log holds rows 1-7 (logged after the save); the
+    resumed run drops 6-7 and logs them again, so the log has each step once, as one uninterrupted run."""
+    real = train.ema_at
+
+    def crash_at_step_7(step, cfg):
+        if step == 7:
+            raise RuntimeError("killed")
+        return real(step, cfg)
+
+    monkeypatch.setattr(train, "ema_at", crash_at_step_7)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.train(small(tmp_path))
+    monkeypatch.undo()
+    log = tmp_path / "run/log.jsonl"
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == list(range(1, 8))
+    with log.open("a") as f:
+        f.write('{"step": 8, "lo')  # and a line cut by the kill
+    train.train(small(tmp_path, resume=True))
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == list(range(1, 11))
+
+
+def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys):
+    train.train(small(tmp_path, steps=4, save_every=2))
+    with pytest.raises(ValueError, match=r"trained with other settings \(--batch-size 4 -> 2, --seed 0 -> 1\)"
+                                         r".*--allow-config-change"):
+        train.train(small(tmp_path, steps=4, batch_size=2, seed=1, resume=True))
+    with pytest.raises(ValueError, match=r"--steps 4 -> 6"):  # the schedules' horizon: horizon_scale x steps
+        train.train(small(tmp_path, steps=6, resume=True))
+    # what cannot change the result may change; an explicit override may extend the run
+    assert train.train(small(tmp_path, steps=4, workers=1, log_every=2, resume=True))["step"] == 4
+    assert train.train(small(tmp_path, steps=6, resume=True, allow_config_change=True))["step"] == 6
+    assert "resuming with changed settings: --steps 4 -> 6" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="is at step 6, beyond --steps 5"):
+        train.train(small(tmp_path, steps=5, resume=True, allow_config_change=True))
+
+
+def full_disk_after(nbytes):
+    """torch.save into a file whose disk fills up after nbytes: what torch raises then (a RuntimeError
+    wrapping the OSError of the write), and a partial file left behind."""
+    real = torch.save
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > nbytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    return lambda obj, f: real(obj, Full(f))
+
+
+def test_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = vjepa.VJEPA(vjepa.PRESETS["tiny"])
+    opt = train.make_optimizer(model, torch.device("cpu"))
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, model, opt, TrainConfig(), 200, {})
+    monkeypatch.setattr(torch, "save", full_disk_after(100_000))
+    with pytest.raises(OSError) as e:
+        train.save_checkpoint(path, model, opt, TrainConfig(), 300, {}, previous=200)
+    assert str(e.value) == (f"could not write {path}: No space left on device; the previous checkpoint "
+                            "(step 200) is intact")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # the partial file is gone
+    assert torch.load(path, weights_only=True)["step"] == 200
+    # an unwritable folder (chmod cannot show it when the tests run as root)
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(args[0]))
+    monkeypatch.setattr(train, "open", refused, raising=False)
+    with pytest.raises(OSError, match=r"could not write .*ckpt.pt: Permission denied; the previous"):
+        train.save_checkpoint(path, model, opt, TrainConfig(), 300, {}, previous=200)
+
+
+def test_a_full_disk_during_training_is_one_line(tmp_path, monkeypatch):
+    """Through the whole loop: the save at step 10 fails, the one from step 5 stays and is named."""
+    real, fills_up, saves = torch.save, full_disk_after(50_000), []
+
+    def second_save_fails(obj, f):
+        saves.append(obj["step"])
+        return (real if len(saves) == 1 else fills_up)(obj, f)
+
+    monkeypatch.setattr(torch, "save", second_save_fails)
+    with pytest.raises(OSError, match=r"ckpt.pt: No space left on device; the previous checkpoint \(step 5"):
+        train.train(small(tmp_path))
+    assert saves == [5, 10] and torch.load(tmp_path / "run/ckpt.pt", weights_only=True)["step"] == 5
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "ckpt.pt", "log.jsonl"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad data: named in one line, counted for the whole run, printed above the progress bar
+
+
+def bad_video_list(tmp_path, good=1, bad=3):
+    from test_data import write_video  # the PyAV writer of the data tests
+
+    lines = []
+    for i in range(good):
+        write_video(tmp_path / f"v{i}.mp4", 24, w=80, h=72)
+        lines.append(f"v{i}.mp4 0")
+    for i in range(bad):
+        (tmp_path / f"broken{i}.mp4").write_bytes(b"\x00not a video" * 100)
+        lines.append(f"broken{i}.mp4 1")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "list.txt")
+
+
+def test_max_bad_fraction_reaches_the_run(tmp_path):
+    """3 of 4 videos unreadable: --max-bad-fraction 0.5 stops the run (counted over the run), 0.9 lets it
+    train. (Before, the option never reached the loader: always 0.05.)"""
+    lst = bad_video_list(tmp_path)
+    with pytest.raises(data.DataError, match=r"clips failed to load, more than --max-bad-fraction 0.5"):
+        train.train(small(tmp_path, data=lst, steps=4, frame_step=2, max_bad_fraction=0.5))
+    res = train.train(small(tmp_path / "b", data=lst, steps=4, frame_step=2, max_bad_fraction=0.9))
+    assert res["step"] == 4
+
+
+def test_a_worker_data_error_is_one_line(tmp_path):
+    lst = bad_video_list(tmp_path, good=0, bad=2)
+    with pytest.raises(data.DataError) as e:
+        train.train(small(tmp_path, data=lst, steps=1, frame_step=2, workers=1))
+    assert str(e.value).startswith("50 videos in a row could not be loaded (the last: ")
+    assert "\n" not in str(e.value)
