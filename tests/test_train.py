@@ -374,7 +374,7 @@ def test_fp16_path_scales_the_loss_and_resumes_with_its_scale(tmp_path, monkeypa
     real = torch.amp.GradScaler.load_state_dict
     monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict",
                         lambda self, state: (loaded.update(state), real(self, state)))
-    train.train(small(tmp_path, steps=7, warmup=2, resume=True))
+    train.train(small(tmp_path, steps=7, warmup=2, resume=True, allow_config_change=True))  # 2 more steps
     assert loaded["scale"] == saved["scale"]
 
 
