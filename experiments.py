@@ -15,17 +15,17 @@ stopped (a half-trained encoder resumes from its checkpoint).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import cli
 import data
 import masking
 import probe
@@ -35,14 +35,15 @@ import vjepa
 
 @dataclass
 class ExperimentConfig:
-    out: str = "runs/findings"
-    seeds: int = 3
+    # The experiments. Every run and probe is recorded in <out>/results.json as it finishes
+    out: str = "runs/findings"  # results folder: results.json, label_efficiency.png, one folder per run
+    seeds: int = 3  # seeds per arm (mean and std over them)
     steps: int = 300  # pretraining steps per encoder (batch 16: 4,800 clips, ~4 min on 2 cores)
     fractions: str = "0.05,0.1,0.5,1.0"  # label-efficiency points
     probe_steps: int = 300  # optimizer steps of every probe, whatever its label fraction (see probe_epochs)
     probe_lr: float = 2e-3  # official 1e-3 is tuned for ~20 epochs of K400; our probes are shorter
     synthetic_train: int = 1024  # probe training clips (8 classes: 128 per class at 100%, 6 at 5%)
-    synthetic_val: int = 512
+    synthetic_val: int = 512  # probe validation clips
     quick: bool = False  # a smoke run: 2 steps, 1 seed, tiny probes
 
 
@@ -197,14 +198,7 @@ def plot_label_efficiency(summary: dict, path: Path):
 
 
 def parse_args(argv=None) -> ExperimentConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(ExperimentConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type={"int": int, "str": str, "float": float}[f.type], default=f.default)
-    return ExperimentConfig(**vars(p.parse_args(argv)))
+    return cli.parse(ExperimentConfig, argv, __doc__)
 
 
 if __name__ == "__main__":

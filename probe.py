@@ -16,14 +16,12 @@ tokens, then a linear layer; official src/models/attentive_pooler.py). Writes re
 
 Shapes: B videos, V spatial views, S temporal segments, N tokens per clip, D width, C classes.
 """
-import argparse
 import json
 import math
 import sys
 import time
-import types
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +32,11 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import bench
+import cli
 import data
-import train
 import vjepa
-from train import COUNT, FOLDER, NON_NEGATIVE, POSITIVE, check_config, one_of
+from cli import COUNT, FOLDER, NON_NEGATIVE, POSITIVE, check_config, one_of
 from vjepa import PRESETS
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,27 +181,27 @@ class ProbeConfig:
     data: str = "synthetic"  # synthetic (built in), videos (--train-list, --val-list), images (--*-dir)
     label: str = "appearance"  # synthetic data: the label to predict
     synthetic_train: int = 1024  # synthetic clips (train and val use different seeds: no clip is shared)
-    synthetic_val: int = 512
+    synthetic_val: int = 512  # synthetic validation clips
     scene: str = ""  # synthetic scene (data.SCENES); "": the one the checkpoint was trained on (else clean)
     train_list: str = ""  # official format: one "path label" per line
-    val_list: str = ""
+    val_list: str = ""  # the validation videos, in the same format
     train_dir: str = ""  # root/<class>/<image>; images are repeated along time
-    val_dir: str = ""
-    frame_step: int = 4
+    val_dir: str = ""  # the validation images, in the same layout
+    frame_step: int = 4  # real video: stride between the sampled frames
     segments: int = 1  # temporal segments per validation video (K400: 8, SSv2: 2)
     views: int = 1  # spatial views per segment (3 in the paper)
     train_fraction: float = 1.0  # keep this fraction of each class's training items (label efficiency)
     # Probe
     probe_checkpoint: str = ""  # a probe file, or k400 / ssv2 / in1k: Meta's for the backbone (--epochs 0)
-    depth: int = 1
-    epochs: int = 20
+    depth: int = 1  # probe blocks: 1 cross-attention block, then depth - 1 self-attention blocks
+    epochs: int = 20  # training epochs of the probe; 0: evaluate --probe-checkpoint as it is
     batch_size: int | None = None  # None: 256 for real data (official), 64 for synthetic (320 updates)
     lr: float | None = None  # AdamW, cosine to 0 over the run; None: 1e-3 (official), 2e-3 for synthetic
     val_every: int = 1  # validate every N epochs (cached synthetic features); the last epoch always
     weight_decay: float | None = None  # None: 0.01 for video, 0.001 for images (official configs)
     # Run
     out: str = ""  # results folder; default <checkpoint's run folder>/probe-<task> (see default_out)
-    seed: int = 0
+    seed: int = 0  # seeds the probe's weights, the data order and the label subset
     workers: int = 0  # DataLoader processes (real video wants several)
     device: str = "auto"  # auto: cuda, else Apple's mps, else cpu; or cpu, cuda, cuda:N, mps
 
@@ -222,17 +221,7 @@ RULES = {
 
 
 def parse_args(argv: list[str] | None = None) -> ProbeConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    for f in fields(ProbeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-            continue
-        kind = f.type.__args__[0] if isinstance(f.type, types.UnionType) else f.type  # float | None -> float
-        p.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name),
-                       help=f"(default {f.default!r})")
-    return ProbeConfig(**vars(p.parse_args(argv)))
+    return cli.parse(ProbeConfig, argv, __doc__, choices=CHOICES)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -501,11 +490,11 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
     t_start = time.time()
     cfg = with_defaults(cfg)
     check_config(cfg, RULES)
-    device = train.pick_device(cfg.device)  # the same device and precision rules as train.py
-    precision = train.precision_of(device)
-    amp = train.autocast(device, precision)
+    device = bench.pick_device(cfg.device)  # the same device and precision rules as train.py
+    precision = bench.precision_of(device)
+    amp = bench.autocast(device, precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    print(train.device_line(device, cfg.device, precision))
+    print(bench.device_line(device, cfg.device, precision))
     if cfg.epochs == 0 and not cfg.probe_checkpoint:
         raise ValueError("--epochs 0 evaluates a trained probe: give --probe-checkpoint")
     encoder = load_backbone(cfg).to(device)

@@ -17,8 +17,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import bench
 import data
 import masking
+import runs
 import train
 import vjepa
 from train import TrainConfig, ema_at, lr_at, recipe, wd_at
@@ -76,7 +78,7 @@ def test_analytic_flops_equal_flop_counter():
     with FlopCounterMode(display=False) as counter:
         model(clip, masks)["loss"].backward()
     n_ctx, n_tgt = [c.shape[1] for c, _ in masks], [t.shape[1] for _, t in masks]
-    assert counter.get_total_flops() == train.model_flops(mc, n_ctx, n_tgt, 3, attention=False)
+    assert counter.get_total_flops() == bench.model_flops(mc, n_ctx, n_tgt, 3, attention=False)
 
 
 def small(tmp_path, **kw) -> TrainConfig:
@@ -156,7 +158,7 @@ def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model = vjepa.VJEPA(vjepa.PRESETS["tiny"])
     opt = train.make_optimizer(model, torch.device("cpu"))
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, model, opt, TrainConfig(), 3, {})
+    runs.save_checkpoint(path, model, opt, TrainConfig(), 3, {})
 
     def killed(*args, **kwargs):
         args[1].write(b"half a file")
@@ -164,7 +166,7 @@ def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, model, opt, TrainConfig(), 4, {})
+        runs.save_checkpoint(path, model, opt, TrainConfig(), 4, {})
     assert torch.load(path, weights_only=True)["step"] == 3
 
 
@@ -323,14 +325,14 @@ def test_collapse_monitor_rank_and_lag():
     ("mps", None, "fp32"),
 ])
 def test_precision_follows_the_card(device_type, capability, expected):
-    assert train.precision_for(device_type, capability) == expected
+    assert bench.precision_for(device_type, capability) == expected
 
 
 def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
-        assert train.pick_device("auto").type == expected
+        assert bench.pick_device("auto").type == expected
 
 
 def test_explicit_device_that_is_missing_is_an_error(monkeypatch):
@@ -340,12 +342,12 @@ def test_explicit_device_that_is_missing_is_an_error(monkeypatch):
                           ("banana", "unknown device"), ("xla", "unknown device"),
                           ("cuda:x", "unknown device")):
         with pytest.raises(ValueError, match=message):
-            train.pick_device(name)
+            bench.pick_device(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"has 1 CUDA device\(s\)"):
-        train.pick_device("cuda:1")
-    assert train.pick_device("cpu").type == "cpu"
+        bench.pick_device("cuda:1")
+    assert bench.pick_device("cpu").type == "cpu"
 
 
 @pytest.mark.parametrize("script", ["train.py", "probe.py"])
@@ -365,7 +367,7 @@ def test_device_errors_are_one_line(tmp_path, script):
 def test_fp16_path_scales_the_loss_and_resumes_with_its_scale(tmp_path, monkeypatch):
     """The T4 path (fp16 autocast + GradScaler), run on the CPU's fp16 autocast: it trains, clips the unscaled
     gradients, stores the loss scale in the checkpoint and continues with it after --resume."""
-    monkeypatch.setattr(train, "precision_of", lambda device: "fp16")
+    monkeypatch.setattr(bench, "precision_of", lambda device: "fp16")
     first = train.train(small(tmp_path, steps=5, warmup=2))
     assert all(map(torch.isfinite, torch.tensor(first["losses"])))
     saved = torch.load(tmp_path / "run/ckpt.pt", weights_only=True)["scaler"]
@@ -399,7 +401,7 @@ def test_a_cpu_is_told_what_a_paper_size_run_means():
     The laptop recipe gets no warning."""
     def warning(cfg):
         mc = train.model_config(cfg)
-        return train.cpu_warning(cfg, mc, train.make_masker(cfg, mc), cfg.steps)
+        return bench.cpu_warning(cfg, mc, train.make_masker(cfg, mc), cfg.steps)
     text = warning(recipe("vitl16"))
     assert text.startswith("warning: 90,000 steps of --size vitl16 on a CPU") and " days at " in text
     assert int(text.split("about ")[1].split(" days")[0].replace(",", "")) > 365
@@ -436,7 +438,7 @@ def test_temporary_checkpoint_files_are_unique_per_process(tmp_path, monkeypatch
     real = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(f.name), real(obj, f)))
     model = vjepa.VJEPA(vjepa.PRESETS["tiny"])
-    train.save_checkpoint(tmp_path / "ckpt.pt", model, train.make_optimizer(model, torch.device("cpu")),
+    runs.save_checkpoint(tmp_path / "ckpt.pt", model, train.make_optimizer(model, torch.device("cpu")),
                           TrainConfig(), 1, {})
     assert written == [str(tmp_path / f"ckpt.pt.tmp.{os.getpid()}")]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
@@ -528,10 +530,10 @@ def test_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, mo
     model = vjepa.VJEPA(vjepa.PRESETS["tiny"])
     opt = train.make_optimizer(model, torch.device("cpu"))
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, model, opt, TrainConfig(), 200, {})
+    runs.save_checkpoint(path, model, opt, TrainConfig(), 200, {})
     monkeypatch.setattr(torch, "save", full_disk_after(100_000))
     with pytest.raises(OSError) as e:
-        train.save_checkpoint(path, model, opt, TrainConfig(), 300, {}, previous=200)
+        runs.save_checkpoint(path, model, opt, TrainConfig(), 300, {}, previous=200)
     assert str(e.value) == (f"could not write {path}: No space left on device; the previous checkpoint "
                             "(step 200) is intact")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # the partial file is gone
@@ -539,9 +541,9 @@ def test_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, mo
     # an unwritable folder (chmod cannot show it when the tests run as root)
     def refused(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(args[0]))
-    monkeypatch.setattr(train, "open", refused, raising=False)
+    monkeypatch.setattr(runs, "open", refused, raising=False)
     with pytest.raises(OSError, match=r"could not write .*ckpt.pt: Permission denied; the previous"):
-        train.save_checkpoint(path, model, opt, TrainConfig(), 300, {}, previous=200)
+        runs.save_checkpoint(path, model, opt, TrainConfig(), 300, {}, previous=200)
 
 
 def test_a_full_disk_during_training_is_one_line(tmp_path, monkeypatch):
