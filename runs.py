@@ -154,7 +154,28 @@ def agree_to_stop(stop: threading.Event, at_line: bool, world: int, device: torc
 
 
 # ----------------------------------------------------------------------------------------------------
-# The loss curve
+# The log: a non-finite loss stops the run, one line per log row, the curves in loss.png
+
+
+def check_finite(pending: list, ckpt_path: Path) -> list[float]:
+    vals = torch.stack([v for _, v in pending]).tolist()
+    for (s, _), v in zip(pending, vals):
+        if not math.isfinite(v):
+            raise FloatingPointError(f"loss is {v} at step {s}: stopping; the last good checkpoint is kept "
+                                     f"at {ckpt_path} (lower --lr, or check the data)")
+    return vals
+
+
+def format_row(r: dict) -> str:
+    line = (f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | wd {r['wd']:.3f} | "
+            f"ema {r['ema']:.5f} | ctx {'/'.join(map(str, r['ctx']))} tgt {'/'.join(map(str, r['tgt']))} | "
+            f"rank {r['tgt_rank']:5.1f} lag {r['tgt_lag']:.3f} pred_std {r['pred_std']:.2f} | "
+            f"{r['clips_per_s']:6.1f} clips/s")
+    if "mfu" in r:
+        line += f" | mfu {100 * r['mfu']:.1f}%"
+    if "mem_gib" in r:
+        line += f" | mem {r['mem_gib']:.1f} GiB"
+    return line
 
 
 def plot_losses(out: Path, dim: int | None = None):

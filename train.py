@@ -328,7 +328,7 @@ def fit(cfg, mc, masker, dataset, ckpt, rank, world, device, on_log) -> dict:
             at_line = done % cfg.log_every == 0 or done % cfg.save_every == 0 or done == cfg.steps
             stopping = runs.agree_to_stop(stop, at_line, world, device)
             if at_line or stopping:
-                vals = check_finite(pending, ckpt_path)  # one host sync per log line
+                vals = runs.check_finite(pending, ckpt_path)  # one host sync per log line
                 losses += vals
                 pending = []
                 dt = time.perf_counter() - t_log
@@ -344,7 +344,7 @@ def fit(cfg, mc, masker, dataset, ckpt, rank, world, device, on_log) -> dict:
                         flops = bench.model_flops(mc, row["ctx"], row["tgt"], cfg.batch_size)
                         row["mfu"] = flops * (len(vals) / dt) / peak
                 if main_proc:
-                    bar.write(format_row(row))
+                    bar.write(runs.format_row(row))
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     if on_log:
@@ -393,7 +393,7 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The log line and the collapse monitor
+# The collapse monitor, in every log row
 
 
 @torch.no_grad()
@@ -420,27 +420,6 @@ def effective_rank(x: torch.Tensor) -> float:
     s = torch.linalg.eigvalsh(x.T @ x).clamp_min(0).sqrt()  # singular values of x, (D,)
     p = s / s.sum().clamp_min(1e-300)  # all rows equal: p = 0, rank 1
     return torch.exp(-(p * p.clamp_min(1e-30).log()).sum()).item()
-
-
-def check_finite(pending: list, ckpt_path: Path) -> list[float]:
-    vals = torch.stack([v for _, v in pending]).tolist()
-    for (s, _), v in zip(pending, vals):
-        if not math.isfinite(v):
-            raise FloatingPointError(f"loss is {v} at step {s}: stopping; the last good checkpoint is kept "
-                                     f"at {ckpt_path} (lower --lr, or check the data)")
-    return vals
-
-
-def format_row(r: dict) -> str:
-    line = (f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | wd {r['wd']:.3f} | "
-            f"ema {r['ema']:.5f} | ctx {'/'.join(map(str, r['ctx']))} tgt {'/'.join(map(str, r['tgt']))} | "
-            f"rank {r['tgt_rank']:5.1f} lag {r['tgt_lag']:.3f} pred_std {r['pred_std']:.2f} | "
-            f"{r['clips_per_s']:6.1f} clips/s")
-    if "mfu" in r:
-        line += f" | mfu {100 * r['mfu']:.1f}%"
-    if "mem_gib" in r:
-        line += f" | mem {r['mem_gib']:.1f} GiB"
-    return line
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -210,8 +210,19 @@ def test_fast_paths_compute_the_plain_function():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_benchmark_mode_runs_and_counts(tmp_path):
-    res = train.train(recipe("tiny", benchmark=True, benchmark_steps=2, batch_size=2, out=str(tmp_path)))
+def test_benchmark_times_the_training_step(tmp_path, monkeypatch):
+    """--benchmark runs train.train_step itself: one counted step, 3 warm-up steps, the timed ones; all past
+    the warmup, so the gradient clipping is timed too."""
+    calls, real = [], train.train_step
+
+    def counted(s, batch, step, cfg):
+        calls.append(step)
+        return real(s, batch, step, cfg)
+
+    monkeypatch.setattr(train, "train_step", counted)
+    res = train.train(recipe("tiny", benchmark=True, benchmark_steps=2, batch_size=2, warmup=5,
+                             out=str(tmp_path)))
+    assert len(calls) == 1 + 3 + 2 and min(calls) >= 5
     assert res["clips_per_s"] > 0 and res["ms_per_step"] > 0
     assert res["tflop_per_step"] > 0
     assert res["tflops"] == pytest.approx(res["tflop_per_step"] * 1000 / res["ms_per_step"])
