@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import bench
 import cli
 import data
 import masking
@@ -100,7 +101,7 @@ def run(cfg: ExperimentConfig) -> dict:
                 encoder = probe.load_backbone(probe.ProbeConfig(**backbone, seed=seed))
                 results["feature_stats"][f"{arm}_s{seed}"] = feature_diagnostics(encoder, diagnostic_clips)
                 save()
-            memo = {}  # this encoder's frozen features, shared by its probes (see probe.feature_source)
+            features = None  # this encoder's frozen features, shared by its probes (frozen_features)
             for label in ("appearance", "motion"):
                 for frac in fractions if arm in LABEL_EFFICIENCY_ARMS else [1.0]:
                     key = f"{arm}|{label}|{frac}|s{seed}"
@@ -113,7 +114,8 @@ def run(cfg: ExperimentConfig) -> dict:
                         synthetic_train=64 if cfg.quick else cfg.synthetic_train,
                         synthetic_val=32 if cfg.quick else cfg.synthetic_val,
                         out=str(out / "probes" / key.replace("|", "_")))
-                    results["probes"][key] = probe.probe(pcfg, memo)["top1"]
+                    features = features or frozen_features(pcfg)
+                    results["probes"][key] = probe_top1(features, pcfg)
                     save()
     results["seconds_this_session"] = time.time() - started
     results["summary"] = summarise(results["probes"])
@@ -121,6 +123,46 @@ def run(cfg: ExperimentConfig) -> dict:
     plot_label_efficiency(results["summary"], out / "label_efficiency.png")
     print(table(results["summary"], results["feature_stats"]))
     return results
+
+
+def frozen_features(pcfg: probe.ProbeConfig) -> dict:
+    """The frozen encoder's features of all the probe's synthetic clips, computed once per encoder and shared
+    by its probes (both label sets, every label fraction), where probe.probe() would encode them for each.
+    {"train" / "val": (features (M, 1, N, D), dataset), "encoder": its ModelConfig}."""
+    cfg = probe.with_defaults(pcfg)
+    device = bench.pick_device(cfg.device)
+    amp = bench.autocast(device, bench.precision_of(device))
+    encoder = probe.load_backbone(cfg).to(device)
+    out = {"encoder": encoder.cfg}
+    for split, ds in zip(("train", "val"), probe.make_datasets(cfg, encoder.cfg, True)):
+        items = probe.ProbeItems(ds, range(len(ds)), split == "train", cfg)
+        batches = probe.stream(encoder, items, cfg, device, amp, shuffle=False)
+        out[split] = torch.cat([f for f, _, _ in batches]), ds  # synthetic clips are all readable
+    return out
+
+
+def probe_top1(features: dict, pcfg: probe.ProbeConfig) -> float:
+    """probe.probe(pcfg)["top1"] (the same probe, training and evaluation: tests/test_experiments.py), from
+    frozen_features() instead of a fresh encoder pass, and without writing a results folder."""
+    cfg = probe.with_defaults(pcfg)
+    device = bench.pick_device(cfg.device)
+    precision = bench.precision_of(device)
+    amp = bench.autocast(device, precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    (train_f, train_ds), (val_f, val_ds) = features["train"], features["val"]
+    which = data.SyntheticVideos.LABELS.index(cfg.label)
+    train_y, val_y = (torch.tensor([ds.labels(i)[which] for i in range(len(ds))], device=train_f.device)
+                      for ds in (train_ds, val_ds))
+    keep = probe.stratified_subset(train_y.tolist(), cfg.train_fraction, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the probe's initial weights, as in probe.probe()
+    ec, num_classes = features["encoder"], train_ds.num_classes[cfg.label]
+    classifier = probe.AttentiveClassifier(ec.dim, ec.heads, num_classes, cfg.depth).to(device)
+    train_batches = probe.cached_batches(train_f[keep], train_y[keep], [], cfg, shuffle=True)
+    steps = math.ceil(len(keep) / cfg.batch_size)
+    for _ in probe.train_epochs(classifier, train_batches, steps, cfg, cfg.weight_decay, amp, scaler):
+        pass  # each iteration trains one epoch
+    val_batches = probe.cached_batches(val_f, val_y, [], cfg, shuffle=False)
+    return probe.evaluate(classifier, val_batches(), num_classes, amp)["top1"]
 
 
 def probe_epochs(cfg: ExperimentConfig, fraction: float) -> int:

@@ -42,10 +42,12 @@ from vjepa import PRESETS
 # ----------------------------------------------------------------------------------------------------
 # 1. The attentive probe. Attribute names are the official ones, so a released probe loads with a prefix
 #    strip ("module.") and a strict load. LayerNorm eps is nn.LayerNorm's default 1e-5, as the official
-#    probe (measured on reference/: 1e-5 reproduces its logits to 3e-8, 1e-6 only to 1e-5).
+#    probe (src/models/attentive_pooler.py; tests/test_probe.py checks its logits on reference/).
 
 
 class CrossAttention(nn.Module):
+    record: list | None = None  # set by vjepa.record_attention(): where the query looks (notebook 2)
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -55,16 +57,11 @@ class CrossAttention(nn.Module):
         # applies it; released probes were trained without it and only reach their accuracy without it.
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, q: torch.Tensor, x: torch.Tensor, return_attn: bool = False):
+    def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q = rearrange(self.q(q), "b m (nh hd) -> b nh m hd", nh=self.heads)  # (B, nh, 1, hd)
         k, v = rearrange(self.kv(x), "b n (two nh hd) -> two b nh n hd", two=2, nh=self.heads)  # (B,nh,N,hd)
-        if return_attn:  # explicit path: where the query looks (notebook 2), same function
-            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, nh, 1, N)
-            out = attn @ v  # (B, nh, 1, hd)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, 1, hd)
-        out = rearrange(out, "b nh m hd -> b m (nh hd)")  # (B, 1, D), no self.proj (see above)
-        return (out, attn) if return_attn else out
+        out = vjepa.attend(q, k, v, self.record)  # (B, nh, 1, hd)
+        return rearrange(out, "b nh m hd -> b m (nh hd)")  # (B, 1, D), no self.proj (see above)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -106,11 +103,11 @@ class AttentiveClassifier(nn.Module):
         vjepa.init_weights(self.pooler)
         with torch.no_grad():
             nn.init.trunc_normal_(self.pooler.query_tokens, std=0.02)
-            xblock = self.pooler.cross_attention_block
-            branches = [(xblock.xattn.proj, xblock.mlp), *((b.attn.proj, b.mlp) for b in self.pooler.blocks)]
-            for layer, (proj, mlp) in enumerate(branches, start=1):
-                proj.weight.div_(math.sqrt(2.0 * layer))
-                mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+            # layer 1: the cross-attention block (its xattn.proj is never applied, so not rescaled)
+            self.pooler.cross_attention_block.mlp.fc2.weight.div_(math.sqrt(2.0))
+            for layer, blk in enumerate(self.pooler.blocks, start=2):
+                blk.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.pooler(x).squeeze(1))  # (B, N, D) -> (B, C)
@@ -353,38 +350,30 @@ def stream(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, epoch=0, s
         yield feats, labels.to(device), errors
 
 
-def feature_source(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, cached: bool,
-                   memo: dict | None = None, keep: list[int] | None = None):
+def feature_source(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, cached: bool):
     """A function epoch -> iterator of (feats, labels, errors) batches. Cached: the encoder runs once here and
-    later epochs reshuffle the stored features; else every epoch decodes and encodes (new augmentations).
-    memo: features of ALL items, kept across probe() calls on the same backbone and data (experiments.py
-    probes one encoder at several label fractions); `keep` then selects the training subset."""
+    later epochs reshuffle the stored features; else every epoch decodes and encodes (new augmentations)."""
     if not cached:
         return lambda epoch=0: stream(encoder, items, cfg, device, amp, epoch)
-    key = "train" if items.train else "val"  # synthetic features do not depend on the label set
-    if memo is None or key not in memo:
-        out = list(stream(encoder, items, cfg, device, amp, shuffle=False))  # batches() shuffles later
-        errors = [e for _, _, es in out for e in es]
-        if all(f is None for f, _, _ in out):
-            raise ValueError(f"no item could be read (first error: {errors[0]})")
-        feats, labels = torch.cat([f for f, _, _ in out if f is not None]), torch.cat([y for _, y, _ in out])
-        print(f"{'train' if items.train else 'val'} features {tuple(feats.shape)} cached "
-              f"({feats.numel() * feats.element_size() / 2**30:.2f} GiB)")
-        if memo is not None:
-            memo[key] = feats, errors
-    else:
-        feats, errors = memo[key]
-        ds, which = items.ds, data.SyntheticVideos.LABELS.index(cfg.label)
-        labels = torch.tensor([ds.labels(i)[which] for i in items.indices], device=feats.device)
-    if keep is not None:  # synthetic items are all readable: row i is item i
-        feats, labels = feats[keep], labels[keep]
+    out = list(stream(encoder, items, cfg, device, amp, shuffle=False))  # cached_batches shuffles later
+    errors = [e for _, _, es in out for e in es]
+    if all(f is None for f, _, _ in out):
+        raise ValueError(f"no item could be read (first error: {errors[0]})")
+    feats, labels = torch.cat([f for f, _, _ in out if f is not None]), torch.cat([y for _, y, _ in out])
+    print(f"{'train' if items.train else 'val'} features {tuple(feats.shape)} cached "
+          f"({feats.numel() * feats.element_size() / 2**30:.2f} GiB)")
+    return cached_batches(feats, labels, errors, cfg, shuffle=items.train)
 
+
+def cached_batches(feats: torch.Tensor, labels: torch.Tensor, errors: list, cfg: ProbeConfig, shuffle: bool):
+    """epoch -> iterator of (feats, labels, errors) batches of stored features, in a seeded order per epoch;
+    the messages of the unreadable items come once per pass, with the first batch."""
     def batches(epoch=0):
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        order = torch.randperm(len(labels), generator=g) if items.train else torch.arange(len(labels))
+        order = torch.randperm(len(labels), generator=g) if shuffle else torch.arange(len(labels))
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size].to(feats.device)
-            yield feats[idx], labels[idx], (errors if i == 0 else [])  # the unreadable ones, once per pass
+            yield feats[idx], labels[idx], (errors if i == 0 else [])
     return batches
 
 
@@ -484,9 +473,8 @@ def with_defaults(cfg: ProbeConfig) -> ProbeConfig:
     return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
-def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
-    """Train (or load) a probe on the frozen encoder and evaluate it. memo: a dict the caller keeps for one
-    backbone, so that repeated probes of it (other label fractions) reuse its frozen features."""
+def probe(cfg: ProbeConfig) -> dict:
+    """Train (or load) a probe on the frozen encoder and evaluate it."""
     t_start = time.time()
     cfg = with_defaults(cfg)
     check_config(cfg, RULES)
@@ -512,17 +500,13 @@ def probe(cfg: ProbeConfig, memo: dict | None = None) -> dict:
     # The encoder is frozen, so the unaugmented synthetic features are the same every epoch: computed once.
     cached = cfg.data == "synthetic"
     val_items = ProbeItems(val_ds, range(len(val_ds)), False, cfg)
-    val_batches = feature_source(encoder, val_items, cfg, device, amp, cached, memo)
+    val_batches = feature_source(encoder, val_items, cfg, device, amp, cached)
     history, train_errors = [], []
     if training:
         train_labels = labels_of(train_ds, cfg, num_classes)
         keep = stratified_subset(train_labels, cfg.train_fraction, cfg.seed)
-        if memo is not None and cached:  # extract every item once, select the fraction from the memo
-            train_items = ProbeItems(train_ds, list(range(len(train_ds))), True, cfg)
-            train_batches = feature_source(encoder, train_items, cfg, device, amp, cached, memo, keep)
-        else:
-            train_items = ProbeItems(train_ds, keep, True, cfg)
-            train_batches = feature_source(encoder, train_items, cfg, device, amp, cached)
+        train_items = ProbeItems(train_ds, keep, True, cfg)
+        train_batches = feature_source(encoder, train_items, cfg, device, amp, cached)
         wd = cfg.weight_decay
         print(f"probe: {len(keep)} of {len(train_labels)} training items, {num_classes} classes (chance "
               f"{100 / num_classes:.1f}%), {cfg.epochs} epochs, lr {cfg.lr:g}, wd {wd:g}, "

@@ -26,6 +26,7 @@ import math
 import re
 import sys
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -79,24 +80,46 @@ class PatchEmbed3D(nn.Module):
 # 3. The transformer block: pre-norm, fused qkv, exact GELU MLP; no dropout, drop-path or layer-scale.
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, record: list | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for each head: (B, nh, M, hd), (B, nh, N, hd) x 2 -> (B, nh, M, hd).
+
+    The fast path is one fused (flash / memory-efficient) kernel that never forms the weights. Inside
+    record_attention() the explicit path computes the same function and appends the weights to `record`."""
+    if record is None:
+        return F.scaled_dot_product_attention(q, k, v)  # (B, nh, M, hd)
+    attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, nh, M, N)
+    record.append(attn)
+    return attn @ v  # (B, nh, M, hd)
+
+
+@contextmanager
+def record_attention(module: nn.Module):
+    """`with record_attention(model) as attns: model(...)` fills attns with the weights (B, nh, M, N) of every
+    attention layer in `model` (an encoder: one per block), in the order the layers ran (notebooks)."""
+    layers = [m for m in module.modules() if hasattr(m, "record")]  # Attention, probe.CrossAttention
+    attns = []
+    for m in layers:
+        m.record = attns
+    try:
+        yield attns
+    finally:
+        for m in layers:
+            m.record = None
+
+
 class Attention(nn.Module):
+    record: list | None = None  # set by record_attention(): take the explicit path, keep the weights
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, return_attn: bool = False):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three nh hd) -> three b nh n hd", three=3, nh=self.heads)
-        if return_attn:  # explicit path, for looking at the weights (notebooks)
-            attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, N, N)
-            attn = attn.softmax(dim=-1)
-            out = attn @ v  # (B, nh, N, hd)
-        else:  # fast path: fused (flash / memory-efficient) kernel, same function
-            attn = None
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
-        out = self.proj(rearrange(out, "b nh n hd -> b n (nh hd)"))  # (B, N, D)
-        return (out, attn) if return_attn else out
+        out = attend(q, k, v, self.record)  # (B, nh, N, hd)
+        return self.proj(rearrange(out, "b nh n hd -> b n (nh hd)"))  # (B, N, D)
 
 
 class MLP(nn.Module):
@@ -118,11 +141,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, return_attn: bool = False):
-        if return_attn:
-            y, attn = self.attn(self.norm1(x), return_attn=True)
-            x = x + y
-            return x + self.mlp(self.norm2(x)), attn
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -151,10 +170,9 @@ class ModelConfig:
     pred_dim: int = 384  # D_p
     pred_depth: int = 12
     num_mask_tokens: int = 2  # one learned mask token per mask generator
-    # LayerNorm eps of the encoder. The official ViT presets (vit_large, vit_huge: the released weights)
-    # pass 1e-6; the official VisionTransformer class built directly falls back to nn.LayerNorm's 1e-5,
-    # which is what the reference small checkpoint in reference/ was made with (measured: with 1e-5 our
-    # outputs match it to 1.6e-6, with 1e-6 only to 2.3e-5). The predictor always uses 1e-6.
+    # LayerNorm eps of the encoder: 1e-6 in the official ViT presets (vit_large, vit_huge: the released
+    # weights); nn.LayerNorm's 1e-5 in the official VisionTransformer class built directly, as the small model
+    # in reference/ (reference/README.md). The predictor always uses 1e-6 (official src/models/predictor.py).
     norm_eps: float = 1e-6
     # What the predictor regresses. "features": V-JEPA (L1 to the EMA encoder's layer-normed features).
     # "pixels": the paper's baseline (section 4.1), MSE to the per-tubelet normalised pixels of the targets,
@@ -233,28 +251,23 @@ class Encoder(nn.Module):
         self.check_clip(clip)
         return self.patch_embed(clip) + self.pos_embed  # (B, N, D)
 
-    def forward(self, clip: torch.Tensor, keep: torch.Tensor | None = None, return_attn: bool = False,
-                tokens: torch.Tensor | None = None):
+    def forward(self, clip: torch.Tensor, keep: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Encode the tokens listed in `keep` (B, N_ctx), or all N tokens when keep is None.
 
         `tokens` lets a caller pass precomputed `self.tokens(clip)` (the context encoder embeds once for
-        both mask generators). With return_attn, also returns each block's (B, nh, N', N') weights.
+        both mask generators).
         """
         x = self.tokens(clip) if tokens is None else tokens  # (B, N, D)
         if keep is not None:
             check_indices(keep, x.shape[0], x.shape[1], "keep")
             x = gather_tokens(x, keep)  # (B, N_ctx, D)
-        attns = []
         for blk in self.blocks:
-            if return_attn:
-                x, a = blk(x, return_attn=True)
-                attns.append(a)
-            elif self.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)  # trade ~1/3 more compute for activation memory
             else:
                 x = blk(x)
-        x = self.norm(x)  # (B, N', D)
-        return (x, attns) if return_attn else x
+        return self.norm(x)  # (B, N', D)
 
 
 def check_indices(idx: torch.Tensor, batch: int, n: int, what: str):
@@ -291,8 +304,8 @@ class Predictor(nn.Module):
         out = cfg.dim if cfg.target == "features" else cfg.pixels_per_token
         self.predictor_proj = nn.Linear(cfg.pred_dim, out)
 
-    def forward(self, z: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor, mask_index: int = 0,
-                return_attn: bool = False):
+    def forward(self, z: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor,
+                mask_index: int = 0) -> torch.Tensor:
         """z (B, N_ctx, D) context features at indices ctx (B, N_ctx) -> predictions (B, N_tgt, D) at tgt."""
         B, n_ctx = ctx.shape
         check_indices(tgt, B, self.cfg.num_tokens, "target")
@@ -300,15 +313,9 @@ class Predictor(nn.Module):
         x = self.predictor_embed(z) + gather_tokens(pos, ctx)  # (B, N_ctx, D_p)
         m = self.mask_tokens[mask_index] + gather_tokens(pos, tgt)  # (B, N_tgt, D_p)
         x = torch.cat([x, m.to(x.dtype)], dim=1)  # (B, N_ctx + N_tgt, D_p)
-        attns = []
         for blk in self.predictor_blocks:
-            if return_attn:
-                x, a = blk(x, return_attn=True)
-                attns.append(a)
-            else:
-                x = blk(x)
-        x = self.predictor_proj(self.predictor_norm(x[:, n_ctx:]))  # (B, N_tgt, D)
-        return (x, attns) if return_attn else x
+            x = blk(x)  # (B, N_ctx + N_tgt, D_p)
+        return self.predictor_proj(self.predictor_norm(x[:, n_ctx:]))  # (B, N_tgt, D)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,7 +359,7 @@ class VJEPA(nn.Module):
     def forward(self, clip: torch.Tensor, masks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """clip (B, 3, T, H, W); masks: one (context (B, N_ctx), target (B, N_tgt)) index pair per generator.
 
-        Returns {"loss": scalar, "loss_per_mask": (G,), "pred_std": scalar} as tensors (no host sync).
+        Returns {"loss": scalar, "pred_std": scalar} as tensors (no host sync); train.py logs pred_std.
         """
         # 1. Targets for every token: E_bar on the FULL clip under sg(.), layer-normed over features
         #    (no affine); or, for the pixel baseline, each tubelet's pixels normalised by their own mean/std.
@@ -376,7 +383,6 @@ class VJEPA(nn.Module):
         losses = torch.stack(losses)  # (G,)
         return {
             "loss": losses.mean(),
-            "loss_per_mask": losses.detach(),
             # collapse monitor: spread of predictions across tokens (targets have unit spread per token)
             "pred_std": torch.stack([p.float().std(dim=1).mean() for p in preds]).mean(),
         }

@@ -5,6 +5,7 @@ import math
 import torch
 
 import experiments
+import probe
 
 
 class Fixed(torch.nn.Module):
@@ -52,3 +53,16 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
     again = experiments.run(cfg)  # everything is recorded: nothing is retrained or re-probed
     assert again["probes"] == first["probes"]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.pt*")} == written
+
+
+def test_shared_features_give_the_probe_result(tmp_path, capsys):
+    """experiments.py encodes an encoder's probe clips once and probes them for both label sets at every
+    label fraction: each top-1 equals what probe.probe() gives for the same config, from a fresh pass."""
+    base = {"size": "tiny", "random_init": True, "synthetic_train": 48, "synthetic_val": 16, "epochs": 2,
+            "batch_size": 16, "train_fraction": 0.5, "out": str(tmp_path)}
+    features = experiments.frozen_features(probe.ProbeConfig(**base))
+    assert features["train"][0].shape[0] == 48  # all items: every fraction selects from them
+    for label in ("appearance", "motion"):
+        cfg = probe.ProbeConfig(**base, label=label)
+        assert experiments.probe_top1(features, cfg) == probe.probe(cfg)["top1"]
+    assert capsys.readouterr().out.count("train features") == 2  # probe.probe encoded; the shared ones not

@@ -78,10 +78,13 @@ def test_explicit_attention_equals_fast_path(official):
     model, io = official
     with torch.no_grad():
         fast = model.target_encoder(io["clip"])
-        slow, attns = model.target_encoder(io["clip"], return_attn=True)
+        with vjepa.record_attention(model.target_encoder) as attns:
+            slow = model.target_encoder(io["clip"])
+        after = model.target_encoder(io["clip"])
     assert maxdiff(fast, slow) < 1e-5
     assert len(attns) == 2 and attns[0].shape == (3, 4, 48, 48)
     assert torch.allclose(attns[0].sum(-1), torch.ones(3, 4, 48))
+    assert torch.equal(after, fast) and len(attns) == 2  # outside the block: the fast path, nothing recorded
 
 
 @pytest.mark.parametrize("name", ["vitl16", "vith16", "vith16_384"])

@@ -72,9 +72,9 @@ def test_applying_proj_would_change_the_logits(official):
     assert (with_proj - io["probe_logits"]).abs().max().item() > 0.05
 
 
-def test_return_attn_gives_the_query_weights_and_the_same_logits():
-    """CrossAttention(return_attn=True) (notebook 2 draws where the probe looks) takes an explicit softmax
-    path: one distribution over the tokens per head, and the logits rebuilt from it are the classifier's."""
+def test_recorded_attention_gives_the_query_weights_and_the_same_logits():
+    """Inside vjepa.record_attention(), CrossAttention (notebook 2 draws where the probe looks) takes an
+    explicit softmax path: one distribution over the tokens per head, and the same logits as the fast path."""
     torch.manual_seed(0)
     clf = AttentiveClassifier(dim=64, heads=4, num_classes=5).eval()
     block = clf.pooler.cross_attention_block
@@ -83,11 +83,13 @@ def test_return_attn_gives_the_query_weights_and_the_same_logits():
         block.xattn.q.weight.normal_(std=0.5)
         x = torch.randn(3, 48, 64)  # (B, N, D) frozen features
         q = clf.pooler.query_tokens.expand(3, -1, -1)  # (B, 1, D)
-        out, attn = block.xattn(q, block.norm1(x), return_attn=True)  # (B, 1, D), (B, heads, 1, N)
-        pooled = q + out
-        logits = clf.linear((pooled + block.mlp(block.norm2(pooled))).squeeze(1))  # (B, 5)
+        with vjepa.record_attention(clf) as attns:
+            out = block.xattn(q, block.norm1(x))  # (B, 1, D)
+            logits = clf(x)  # (B, 5)
+        attn = attns[0]  # (B, heads, 1, N)
         assert attn.shape == (3, 4, 1, 48) and attn.max() > 3 / 48
         torch.testing.assert_close(attn.sum(-1), torch.ones(3, 4, 1))
+        assert len(attns) == 2 and torch.equal(attns[1], attn)  # the same layer ran twice
         torch.testing.assert_close(out, block.xattn(q, block.norm1(x)), rtol=0, atol=1e-6)
         torch.testing.assert_close(logits, clf(x), rtol=0, atol=1e-6)
 
@@ -311,24 +313,6 @@ def test_command_line_is_generated_from_the_config():
     for bad in (["--bogus", "1"], ["--epochs", "x"], ["--size", "vitz"], ["--label", "colour"]):
         with pytest.raises(SystemExit):
             probe.parse_args(bad)
-
-
-def test_memo_reuses_features_and_gives_the_same_result(tmp_path):
-    """experiments.py probes one encoder at several label fractions: with a memo the frozen features are
-    extracted once, and the probe result is the one a fresh call gives."""
-    base = {"size": "tiny", "random_init": True, "synthetic_train": 48, "synthetic_val": 16, "epochs": 2,
-            "batch_size": 16, "train_fraction": 0.5, "out": str(tmp_path)}
-    memo = {}
-    first = probe.probe(probe.ProbeConfig(**base), memo=memo)
-    assert set(memo) == {"train", "val"}
-    assert memo["train"][0].shape[0] == 48  # all items, not the 50% subset
-    again = probe.probe(probe.ProbeConfig(**base), memo=memo)
-    fresh = probe.probe(probe.ProbeConfig(**base))
-    assert first["top1"] == again["top1"] == fresh["top1"]
-    assert [h["loss"] for h in again["history"]] == pytest.approx([h["loss"] for h in fresh["history"]])
-    motion = {**base, "label": "motion"}  # the other label set reuses the features too
-    with_memo = probe.probe(ProbeConfig(**motion), memo=memo)["top1"]
-    assert with_memo == probe.probe(ProbeConfig(**motion))["top1"]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -592,7 +592,7 @@ def bad_video_list(tmp_path, good=1, bad=3):
 
 def test_max_bad_fraction_reaches_the_run(tmp_path):
     """3 of 4 videos unreadable: --max-bad-fraction 0.5 stops the run (counted over the run), 0.9 lets it
-    train. (Before, the option never reached the loader: always 0.05.)"""
+    train."""
     lst = bad_video_list(tmp_path)
     with pytest.raises(data.DataError, match=r"clips failed to load, more than --max-bad-fraction 0.5"):
         train.train(small(tmp_path, data=lst, steps=4, frame_step=2, max_bad_fraction=0.5))
