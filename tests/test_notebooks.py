@@ -22,6 +22,12 @@ def test_the_four_notebooks_exist():
                                            "03_train_and_probe.ipynb", "04_released_weights.ipynb"]
 
 
+def test_one_setup_cell():
+    """Every notebook starts with the same short setup cell (a local checkout, or a clone in Colab)."""
+    setups = {"".join(nbformat.read(p, as_version=4).cells[1].source) for p in NOTEBOOKS}
+    assert len(setups) == 1 and "REPO_URL" in next(iter(setups))
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
