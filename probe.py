@@ -342,7 +342,8 @@ def stream(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, epoch=0, s
     shuffle = items.train if shuffle is None else shuffle
     loader = DataLoader(items, per_batch, shuffle=shuffle, collate_fn=collate, num_workers=cfg.workers,
                         generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-    for clips, labels, errors in tqdm(loader, desc="train" if items.train else "val", leave=False):
+    bar = tqdm(loader, desc="train" if items.train else "val", leave=False, disable=None)  # none in notebooks
+    for clips, labels, errors in bar:
         feats = None
         if clips is not None:
             with amp:  # not around the yield: autocast is global state and would leak into the caller
@@ -440,18 +441,22 @@ def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd
         yield epoch, float(np.mean(losses)), 100 * correct / max(seen, 1), errors
 
 
-def save_confusion(path: Path, pred: list[int], label: list[int], num_classes: int, names=None):
+def save_confusion(path: Path, pred: list[int], label: list[int], num_classes: int, names=None,
+                   what: str = ""):
+    """confusion.png: counts of (true, predicted) class, titled with `what` was probed, top-1 and chance."""
     from matplotlib.figure import Figure  # not pyplot: leaves a notebook's plotting backend alone
 
     cm = np.zeros((num_classes, num_classes), dtype=int)
     np.add.at(cm, (label, pred), 1)  # rows: true class, columns: predicted
-    fig = Figure(figsize=(2 + 0.4 * num_classes, 1.5 + 0.4 * num_classes))
+    fig = Figure(figsize=(max(5.0, 2 + 0.4 * num_classes), 2 + 0.4 * num_classes))
     ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     for (i, j), c in np.ndenumerate(cm):
         ax.text(j, i, c, ha="center", va="center", fontsize=7, color="white" if c > cm.max() / 2 else "black")
-    ax.set(xticks=range(num_classes), yticks=range(num_classes), xlabel="predicted", ylabel="true",
-           title=f"top-1 {100 * np.trace(cm) / max(cm.sum(), 1):.1f}% ({cm.sum()} videos)")
+    top1 = 100 * np.trace(cm) / max(cm.sum(), 1)
+    ax.set(xticks=range(num_classes), yticks=range(num_classes), xlabel="predicted", ylabel="true class")
+    ax.set_title(f"{what}\ntop-1 {top1:.1f}% over {cm.sum()} items (chance {100 / num_classes:.1f}%)",
+                 fontsize=9)
     if names is not None and len(names) == num_classes:
         ax.set_xticklabels(names, rotation=90)
         ax.set_yticklabels(names)
@@ -533,7 +538,13 @@ def probe(cfg: ProbeConfig) -> dict:
     if num_classes <= 20:
         names = getattr(val_ds, "classes", None) if cfg.data != "synthetic" else \
             {"appearance": data.APPEARANCES, "motion": data.MOTIONS}[cfg.label]
-        save_confusion(out / "confusion.png", pred, label, num_classes, names)
+        ckpt = Path(cfg.checkpoint)
+        source = f"{ckpt.parent.name}/{ckpt.name}" if ckpt.name == "ckpt.pt" else ckpt.name  # run/ckpt.pt
+        backbone = f"random-init {cfg.size} encoder" if cfg.random_init else \
+            f"{vjepa.preset_name(ec)} encoder of {source}"
+        task = f"the {cfg.label} label" if cfg.data == "synthetic" else Path(cfg.val_list or cfg.val_dir).name
+        save_confusion(out / "confusion.png", pred, label, num_classes, names,
+                       f"probe of {task}\non the frozen {backbone}")
     (out / "results.json").write_text(json.dumps(res, indent=2))
     top5 = f", top-5 {res['top5']:.2f}%" if "top5" in res else ""
     items = {"synthetic": "clips", "videos": "readable videos", "images": "images"}[cfg.data]
