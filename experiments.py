@@ -107,13 +107,11 @@ def run(cfg: ExperimentConfig) -> dict:
                     key = f"{arm}|{label}|{frac}|s{seed}"
                     if key in results["probes"]:
                         continue
-                    epochs = probe_epochs(cfg, frac)
                     pcfg = probe.ProbeConfig(
                         **backbone, label=label, train_fraction=frac, seed=seed,
-                        epochs=epochs, val_every=epochs, lr=cfg.probe_lr, batch_size=BATCH,
+                        epochs=probe_epochs(cfg, frac), lr=cfg.probe_lr, batch_size=BATCH,
                         synthetic_train=64 if cfg.quick else cfg.synthetic_train,
-                        synthetic_val=32 if cfg.quick else cfg.synthetic_val,
-                        out=str(out / "probes" / key.replace("|", "_")))
+                        synthetic_val=32 if cfg.quick else cfg.synthetic_val)
                     features = features or frozen_features(pcfg)
                     results["probes"][key] = probe_top1(features, pcfg)
                     save()

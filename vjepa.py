@@ -172,7 +172,7 @@ class ModelConfig:
     num_mask_tokens: int = 2  # one learned mask token per mask generator
     # LayerNorm eps of the encoder: 1e-6 in the official ViT presets (vit_large, vit_huge: the released
     # weights); nn.LayerNorm's 1e-5 in the official VisionTransformer class built directly, as the small model
-    # in reference/ (reference/README.md). The predictor always uses 1e-6 (official src/models/predictor.py).
+    # in reference/ (reference/README.md). The predictor always uses 1e-6.
     norm_eps: float = 1e-6
     # What the predictor regresses. "features": V-JEPA (L1 to the EMA encoder's layer-normed features).
     # "pixels": the paper's baseline (section 4.1), MSE to the per-tubelet normalised pixels of the targets,
