@@ -126,8 +126,8 @@ SCENES = {"clean": {"radius": (0.19, 0.35), "drift": False, "blobs": False, "noi
 class SyntheticVideos(torch.utils.data.Dataset):
     """Built-in procedural video dataset, no download; deterministic from (seed, index).
 
-    One main object, a hard-edged flat shape with a random colour and size (radius 12-22% of the frame),
-    moves over clutter. Two labels per clip:
+    One main object, a hard-edged flat shape with a random colour and size, moves over a background. Two
+    labels per clip:
       appearance (8) = shape (square, triangle, cross, half-disc) x texture (solid, or dark stripes fixed
         to the object). Readable from any single frame.
       motion (8) = translate right / left / down / up, rotate clockwise / anticlockwise, or sway left-right /
@@ -135,9 +135,11 @@ class SyntheticVideos(torch.utils.data.Dataset):
         readable from one frame: the scene's random numbers are drawn the same way whatever the classes, so
         frame 0 does not depend on the motion at all; and as start position and angle are uniform on the
         torus and the circle, every other frame has the same distribution under every motion too.
-      clutter, irrelevant to both labels and unpredictable in pixels: a smooth random background texture
-        drifting in a random direction, 3-6 soft blobs with their own colour, size and velocity, and
-        fresh per-pixel noise in every frame.
+    Two scenes (SCENES). "clean", the default: a smooth random background texture that stays still, and an
+      object of radius 19-35% of the frame. "cluttered": the same texture drifting in a random direction, 3-6
+      soft blobs with their own colour, size and velocity, fresh per-pixel noise in every frame (all
+      irrelevant to both labels and unpredictable in pixels), and an object of radius 12-22%. Both scenes
+      make the same random draws, so a clip differs between them only in what the scene adds.
     Labels: every aligned block of 64 indices holds each (appearance, motion) pair once, in a seeded order,
     so both labels are balanced and independent of each other.
     """

@@ -65,10 +65,11 @@ def test_labels_balanced_independent_and_in_range():
     assert [other_seed.labels(i) for i in range(64)] != list(map(tuple, pairs[:64].tolist()))
 
 
-def test_motion_is_invisible_in_frame_zero_and_appearance_is_visible():
+@pytest.mark.parametrize("scene", ["clean", "cluttered"])
+def test_motion_is_invisible_in_frame_zero_and_appearance_is_visible(scene):
     """The scene's random draws do not depend on the classes, so frame 0 is the same for all 8 motions
     (and every frame's distribution is the same under every motion, by the torus construction)."""
-    ds = SyntheticVideos(64, seed=0)
+    ds = SyntheticVideos(64, seed=0, scene=scene)
     for index in range(4):
         clips = [ds.render(index, 3, m) for m in range(8)]
         assert all(np.array_equal(c[:, 0], clips[0][:, 0]) for c in clips)
@@ -506,3 +507,19 @@ def test_ssv2_list_maps_templates_to_the_released_label_indices(tmp_path):
     with pytest.raises(SystemExit, match=r"video 7 has template 'Spinning something', which .* does not"):
         data.main(["ssv2", str(tmp_path), str(tmp_path / "labels.json"), str(tmp_path / "bad.json"),
                    str(tmp_path / "x.txt")])
+
+
+def test_scenes_clean_is_still_and_cluttered_moves_around_the_object():
+    """The clean scene changes only where the object is (in either frame); the cluttered one changes almost
+    everywhere (drift, blobs, noise)."""
+    clean = SyntheticVideos(8, seed=2, scene="clean")
+    cluttered = SyntheticVideos(8, seed=2, scene="cluttered")
+    for i in range(4):
+        a = clean.labels(i)[0]
+        still = clean.render(i, a, 0)  # (3, T, S, S), moving right
+        changed = np.abs(still[:, 1:] - still[:, :-1]).max(0) > 0  # (T-1, S, S)
+        assert 0 < changed.mean() < 0.4  # the object's path only
+        busy = cluttered.render(i, a, 0)
+        assert (np.abs(busy[:, 1:] - busy[:, :-1]).max(0) > 0).mean() > 0.9
+    with pytest.raises(ValueError, match="scene must be one of"):
+        SyntheticVideos(8, scene="foggy")

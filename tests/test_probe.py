@@ -388,3 +388,31 @@ def test_an_absurd_label_is_refused_with_its_line(ours, tmp_path):
     with pytest.raises(data.DataError, match=r"val.txt:2: the label must be an integer in \[0, 100,000\)"):
         probe.probe(ProbeConfig(checkpoint=str(ours), data="videos", train_list=str(tmp_path / "val.txt"),
                                 val_list=str(tmp_path / "val.txt"), out=str(tmp_path / "run")))
+
+
+def test_synthetic_probes_use_the_scene_the_checkpoint_was_trained_on(ours, tmp_path):
+    """A model trained on one synthetic scene is probed on that scene unless --scene says otherwise; a
+    checkpoint written before scenes existed was trained on the cluttered one; a random encoder gets clean."""
+    ckpt = torch.load(ours, weights_only=True)
+    for stored, expected in (({"scene": "clean"}, "clean"), ({"scene": "cluttered"}, "cluttered"),
+                             ({"steps": 400}, "cluttered")):
+        path = tmp_path / f"{expected}_{len(stored)}.pt"
+        torch.save({**ckpt, "train_config": stored}, path)
+        assert probe.training_scene(str(path)) == expected
+        train_ds, val_ds = probe.make_datasets(ProbeConfig(checkpoint=str(path)), MINI, True)
+        assert train_ds.scene == val_ds.scene == expected
+        forced = probe.make_datasets(ProbeConfig(checkpoint=str(path), scene="clean"), MINI, True)[1]
+        assert forced.scene == "clean"
+    assert probe.training_scene("") == "clean"
+
+
+def test_probe_defaults_follow_the_data():
+    """Synthetic data: batch 64 and lr 2e-3 (320 updates on 1,024 clips); real data: the official recipe;
+    a value given explicitly is kept, also a bad one (the config rules then refuse it)."""
+    synthetic = probe.with_defaults(ProbeConfig())
+    assert (synthetic.batch_size, synthetic.lr, synthetic.weight_decay) == (64, 2e-3, 1e-2)
+    videos = probe.with_defaults(ProbeConfig(data="videos"))
+    assert (videos.batch_size, videos.lr, videos.weight_decay) == (256, 1e-3, 1e-2)
+    assert probe.with_defaults(ProbeConfig(data="images")).weight_decay == 1e-3
+    assert probe.with_defaults(ProbeConfig(batch_size=0, lr=5e-4)).batch_size == 0
+    assert probe.with_defaults(ProbeConfig(batch_size=0, lr=5e-4)).lr == 5e-4
