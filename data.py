@@ -169,7 +169,7 @@ class SyntheticVideos(torch.utils.data.Dataset):
     def render(self, index: int, appearance: int, motion: int) -> np.ndarray:
         """(3, T, H, W) float32 in [0, 1]: the scene of `index` (all its random draws) with these classes."""
         T, S, scene = self.frames, self.img_size, SCENES[self.scene]
-        rng = np.random.default_rng([self.seed, index, 0])  # every draw is made in every scene and class
+        rng = np.random.default_rng([self.seed, index, 0])  # the same draws in every scene and class
         t, grid = np.arange(T, dtype=np.float32), np.arange(S, dtype=np.float32)
 
         def offsets(cy, cx):  # (..., T) centres -> (..., T, S, 1), (..., T, 1, S) signed offsets on the torus
@@ -186,15 +186,17 @@ class SyntheticVideos(torch.utils.data.Dataset):
         g = np.stack([g[dy:dy + S, dx:dx + S] for dy, dx in shifts.T])  # (T, S, S)
         c0, c1 = rng.uniform(0.15, 0.85, size=(2, 3, 1, 1, 1)).astype(np.float32)
         img = c0 + (c1 - c0) * g  # (3, T, S, S)
-        # distractors: soft blobs behind the object
+        # distractors: soft blobs behind the object (drawn in every scene, so the object's draws that follow
+        # are the same; rendered in the cluttered one)
         k = rng.integers(3, 7)
         start, velocity = rng.uniform(0, S, size=(2, k, 1)), rng.uniform(-0.05, 0.05, size=(2, k, 1)) * S
         two_var = np.float32(2 * (rng.uniform(0.03, 0.08, size=(k, 1, 1, 1)) * S) ** 2)
-        dy, dx = offsets(*(start + velocity * t))  # (k, T, S, 1), (k, T, 1, S)
-        alpha = rng.uniform(0.5, 0.9, size=(k, 1, 1, 1)).astype(np.float32)
-        alpha = alpha * np.exp(-dy**2 / two_var) * np.exp(-dx**2 / two_var)  # (k, T, S, S), separable
-        for a, colour in zip(alpha, rng.uniform(0, 1, size=(k, 3, 1, 1, 1)).astype(np.float32)):
-            if scene["blobs"]:
+        opacity = rng.uniform(0.5, 0.9, size=(k, 1, 1, 1)).astype(np.float32)
+        colours = rng.uniform(0, 1, size=(k, 3, 1, 1, 1)).astype(np.float32)
+        if scene["blobs"]:
+            dy, dx = offsets(*(start + velocity * t))  # (k, T, S, 1), (k, T, 1, S)
+            alpha = opacity * np.exp(-dy**2 / two_var) * np.exp(-dx**2 / two_var)  # (k, T, S, S), separable
+            for a, colour in zip(alpha, colours):
                 img += a * (colour - img)  # (3, T, S, S), "over" compositing
         # the object: its frame-0 state, then the parameters of every motion, whichever one it has
         y0, x0, angle0 = rng.uniform(0, S), rng.uniform(0, S), rng.uniform(0, 2 * np.pi)
@@ -220,9 +222,8 @@ class SyntheticVideos(torch.utils.data.Dataset):
             dark = inside & ((u * 2.5 + 10).astype(int) % 2 == 1)
             np.copyto(img, 0.3 * colour[:, None, None, None], where=dark)
         # uniform noise shared by the channels: as unpredictable as Gaussian noise, and cheaper
-        noise = np.float32(rng.uniform(0.05, 0.25)) * (rng.random((T, S, S), dtype=np.float32) - 0.5)
         if scene["noise"]:
-            img += noise
+            img += np.float32(rng.uniform(0.05, 0.25)) * (rng.random((T, S, S), dtype=np.float32) - 0.5)
         return np.clip(img, 0, 1, out=img)
 
     def sample(self, index: int) -> tuple[torch.Tensor, dict[str, int]]:

@@ -191,10 +191,8 @@ def feature_diagnostics(encoder: vjepa.Encoder, clips: torch.Tensor) -> dict:
     f = encoder.eval()(clips).double()  # (B, N, D)
     content = f - f.mean(0)  # what changes from clip to clip at a fixed position
     total = (f - f.mean((0, 1))).pow(2).sum()
-    s = torch.linalg.svdvals(content.flatten(0, 1))
-    p = s / s.sum()
     return {"position_share": float(1 - content.pow(2).sum() / total),
-            "effective_rank": float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum()))}
+            "effective_rank": train.effective_rank(content.flatten(0, 1))}  # rows already centred
 
 
 def summarise(probes: dict) -> dict:

@@ -1,6 +1,6 @@
 """Train V-JEPA, from a laptop CPU to many GPUs.
 
-    python train.py --size tiny                                  # laptop: built-in synthetic videos, ~5 min
+    python train.py --size tiny                                  # laptop: built-in synthetic videos, ~6 min
     python train.py --size vitl16 --data lists/k400_train.txt    # the paper's recipe on one GPU
     torchrun --nproc_per_node=8 train.py --size vith16 --data lists/videomix2m.txt
     python train.py --size vitl16 --benchmark                    # step time, clips/s, TFLOP/s, peak memory
@@ -96,7 +96,7 @@ RULES = {
     "horizon_scale": (lambda v: 1 <= v < math.inf, ">= 1"), "clip_grad": NON_NEGATIVE,
     "target": one_of("features", "pixels"), "masking": one_of("multiblock", "tube"),
     "tube_ratio": (lambda v: 0 < v < 1, "in (0, 1)"), "truncation": one_of("official", "random"),
-    "synthetic_size": COUNT, "frame_step": COUNT, "workers": NON_NEGATIVE,
+    "synthetic_size": COUNT, "scene": one_of(*data.SCENES), "frame_step": COUNT, "workers": NON_NEGATIVE,
     "max_bad_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "seed": NON_NEGATIVE, "log_every": COUNT,
     "save_every": COUNT, "benchmark_steps": COUNT,
 }
@@ -414,13 +414,14 @@ def collapse_monitor(model: VJEPA, clips: torch.Tensor, amp) -> dict:
     tgt, src = list(model.target_encoder.parameters()), list(model.encoder.parameters())
     lag = torch.stack(torch._foreach_norm(torch._foreach_sub(tgt, src))).norm()
     lag = lag / torch.stack(torch._foreach_norm(src)).norm()
-    return {"tgt_rank": effective_rank(h), "tgt_lag": lag.item()}
+    rows = h[:: max(1, len(h) // 4096)]  # at most ~4,096 tokens: a cheap float64 rank on any device
+    return {"tgt_rank": effective_rank(rows), "tgt_lag": lag.item()}
 
 
 def effective_rank(x: torch.Tensor) -> float:
     """exp(entropy) of the normalised singular values of x (M, D) centred over its rows: D for white
     features, 1 when every row lies on one line or all rows are equal."""
-    x = x[:: max(1, len(x) // 4096)].double()  # at most ~4,096 rows: cheap in float64 on any device
+    x = x.double()
     x = x - x.mean(0)
     s = torch.linalg.eigvalsh(x.T @ x).clamp_min(0).sqrt()  # singular values of x, (D,)
     p = s / s.sum().clamp_min(1e-300)  # all rows equal: p = 0, rank 1

@@ -397,7 +397,8 @@ def test_fp16_path_scales_the_loss_and_resumes_with_its_scale(tmp_path, monkeypa
     ("ema_start", 2.0, "--ema-start must be in [0, 1]"), ("ema_end", float("nan"), "--ema-end must be in"),
     ("frame_step", 0, "--frame-step must be >= 1"), ("batch_size", 0, "--batch-size must be >= 1"),
     ("max_bad_fraction", 1.0, "--max-bad-fraction must be in [0, 1)"), ("seed", -1, "--seed must be >= 0"),
-    ("tube_ratio", 1.0, "--tube-ratio must be in (0, 1)"), ("warmup", "10", "--warmup must be >= 0")])
+    ("tube_ratio", 1.0, "--tube-ratio must be in (0, 1)"), ("warmup", "10", "--warmup must be >= 0"),
+    ("scene", "foggy", "--scene must be one of 'clean', 'cluttered'")])
 def test_bad_options_are_refused_before_anything_is_built(tmp_path, monkeypatch, field, value, message):
     def never(*args):
         raise AssertionError("the model was built")
