@@ -165,7 +165,7 @@ def probe_top1(features: dict, pcfg: probe.ProbeConfig) -> float:
     classifier = probe.AttentiveClassifier(ec.dim, ec.heads, num_classes, cfg.depth).to(device)
     train_batches = probe.cached_batches(train_f[keep], train_y[keep], [], cfg, shuffle=True)
     steps = math.ceil(len(keep) / cfg.batch_size)
-    for _ in probe.train_epochs(classifier, train_batches, steps, cfg, cfg.weight_decay, amp, scaler):
+    for _ in probe.train_epochs(classifier, train_batches, steps, cfg, amp, scaler):
         pass  # each iteration trains one epoch
     val_batches = probe.cached_batches(val_f, val_y, [], cfg, shuffle=False)
     return probe.evaluate(classifier, val_batches(), num_classes, amp)["top1"]

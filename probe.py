@@ -322,23 +322,23 @@ def evaluate(classifier, batches, num_classes: int, amp) -> dict:
                          f"{errors[0]}): no accuracy to report")
     top = probs.topk(min(5, num_classes), dim=1).indices  # (M, 5)
     n, hits = len(labels), (top[:, 0] == labels).sum().item()
-    res = {"top1": 100 * hits / max(n, 1), "readable": n, "unreadable": len(errors),
-           "top1_unreadable_as_wrong": 100 * hits / max(n + len(errors), 1),
+    res = {"top1": 100 * hits / n, "readable": n, "unreadable": len(errors),
+           "top1_unreadable_as_wrong": 100 * hits / (n + len(errors)),
            "denominator": "top1/top5: readable videos only; top1_unreadable_as_wrong: all videos",
            "unreadable_errors": errors}
     if num_classes > 5:
-        res["top5"] = 100 * (top == labels[:, None]).any(1).sum().item() / max(n, 1)
+        res["top5"] = 100 * (top == labels[:, None]).any(1).sum().item() / n
     return res | {"pred": top[:, 0].tolist(), "label": labels.tolist()}
 
 
-def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd: float, amp, scaler):
+def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, amp, scaler):
     """AdamW; lr and weight decay follow the official cosines (lr -> 0, wd -> 1e-6), stepped before each
     update; no decay on biases and 1-D parameters; gradients clipped at norm 1 (all as the official code).
     Yields (epoch, mean loss, train top-1, messages of the unreadable training videos) after each epoch."""
     params = list(classifier.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "decay": True},
                              {"params": [p for p in params if p.ndim <= 1], "decay": False}], foreach=True)
-    total, step = cfg.epochs * steps_per_epoch, 0
+    total, step, wd = cfg.epochs * steps_per_epoch, 0, cfg.weight_decay
     for epoch in range(cfg.epochs):
         classifier.train()
         losses, correct, seen, errors = [], 0, 0, []
@@ -365,7 +365,7 @@ def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd
         if not seen:
             raise ValueError(f"none of the {len(errors)} training videos could be read (the first: "
                              f"{errors[0]}): nothing to train the probe on")
-        yield epoch, float(np.mean(losses)), 100 * correct / max(seen, 1), errors
+        yield epoch, float(np.mean(losses)), 100 * correct / seen, errors
 
 
 def save_confusion(path: Path, pred: list[int], label: list[int], num_classes: int, names=None,
@@ -439,12 +439,11 @@ def probe(cfg: ProbeConfig) -> dict:
         keep = data.stratified_subset(train_labels, cfg.train_fraction, cfg.seed)
         train_items = data.ProbeItems(train_ds, keep, True, cfg.seed, cfg.segments, cfg.views)
         train_batches = feature_source(encoder, train_items, cfg, device, amp, cached)
-        wd = cfg.weight_decay
         print(f"probe: {len(keep)} of {len(train_labels)} training items, {num_classes} classes (chance "
-              f"{100 / num_classes:.1f}%), {cfg.epochs} epochs, lr {cfg.lr:g}, wd {wd:g}, "
+              f"{100 / num_classes:.1f}%), {cfg.epochs} epochs, lr {cfg.lr:g}, wd {cfg.weight_decay:g}, "
               f"{vjepa.preset_name(ec)} encoder")
         steps = math.ceil(len(keep) / cfg.batch_size)
-        epochs = train_epochs(classifier, train_batches, steps, cfg, wd, amp, scaler)
+        epochs = train_epochs(classifier, train_batches, steps, cfg, amp, scaler)
         for epoch, loss, train_top1, errors in epochs:
             row, train_errors = {"epoch": epoch + 1, "loss": loss, "train_top1": train_top1}, errors
             last = epoch + 1 == cfg.epochs  # a streamed validation costs an encoder pass: only at the end
@@ -456,8 +455,8 @@ def probe(cfg: ProbeConfig) -> dict:
     res = evaluate(classifier, val_batches(), num_classes, amp)
     pred, label = res.pop("pred"), res.pop("label")
     res |= {"classes": num_classes, "chance_top1": 100 / num_classes, "encoder": vjepa.preset_name(ec),
-            "history": history,
-            "train_unreadable": train_errors, "seconds": time.time() - t_start, "config": asdict(cfg)}
+            "history": history, "train_unreadable": train_errors, "seconds": time.time() - t_start,
+            "config": asdict(cfg)}
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if training:
