@@ -6,6 +6,7 @@
     StepSampler        the dataset indices of every step: a pure function of (seed, step, rank)
     TrainStream        the augmented training view of (step, index); skips unreadable videos
     make_train_loader  the DataLoader train.py iterates; each batch is masking.MaskCollator's dict
+    ProbeItems         the items of a frozen evaluation (probe.py): views and segments, unreadable ones kept
     folder_list, ssv2_list   list files for real datasets (`python data.py --help`)
 
 Frame sampling and augmentation follow the official src/datasets/video_dataset.py and configs/pretrain/. Every
@@ -22,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+from collections import defaultdict
 from pathlib import Path
 
 import av
@@ -547,6 +549,99 @@ def make_train_loader(dataset, masker, batch_size: int, start_step: int, total_s
         batch_sampler=StepSampler(len(dataset), batch_size, start_step, total_steps, seed, rank, world_size),
         collate_fn=MaskCollator(masker, rank), num_workers=workers, worker_init_fn=serve_through_stop_signals,
         pin_memory=torch.cuda.is_available())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The probe's data (probe.py). Every item becomes (clips (V, S, 3, T, H, W), label, error); an unreadable
+# video gives clips=None and its DataError's message, so it is counted and reported, never silently dropped.
+
+
+class ProbeItems(torch.utils.data.Dataset):
+    """The items `indices` of a dataset, as the probe reads them: a video list's evaluation items are
+    `views` spatial crops of `segments` temporal windows; every other item is one clip (V = S = 1)."""
+
+    def __init__(self, ds, indices, train: bool, seed: int = 0, segments: int = 1, views: int = 1):
+        self.ds, self.indices, self.train, self.seed = ds, indices, train, seed
+        self.segments, self.views = segments, views
+        # real data: random crops and flips (official); synthetic clips stay as they are (probe.py caches
+        # their features)
+        self.augment = train and not isinstance(ds, SyntheticVideos)
+        self.epoch = 0  # seeds the augmentation; set by loader() before its workers start
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = self.indices[i]
+        try:
+            if isinstance(self.ds, VideoList) and not self.train:
+                return self.ds.eval_views(j, self.segments, self.views), self.ds.items[j][1], None
+            if self.augment:  # one augmented view per video and epoch
+                clip, y = self.ds.load(j, np.random.default_rng([self.seed, self.epoch, j]))
+            else:
+                clip, y = self.ds[j]
+            return clip[None, None], y, None  # (1, 1, 3, T, H, W)
+        except DataError as e:
+            return None, -1, str(e)
+
+    def loader(self, batch_size: int, shuffle: bool, epoch: int = 0, workers: int = 0):
+        """Batches (clips (B, V, S, 3, T, H, W) or None, labels (B,), messages of the unreadable items) of
+        about batch_size clips (B = batch_size // (V*S), at least 1), in an order seeded by (seed, epoch)."""
+        self.epoch = epoch
+        per_item = self.views * self.segments if isinstance(self.ds, VideoList) and not self.train else 1
+        return torch.utils.data.DataLoader(self, max(1, batch_size // per_item), shuffle=shuffle,
+                                           collate_fn=collate_probe_items, num_workers=workers,
+                                           generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+
+
+def collate_probe_items(samples):
+    """The readable items' clips (None if there are none) and labels, and the unreadable items' messages."""
+    ok = [s for s in samples if s[0] is not None]
+    clips = torch.stack([s[0] for s in ok]) if ok else None  # (B, V, S, 3, T, H, W)
+    return clips, torch.tensor([s[1] for s in ok], dtype=torch.long), [s[2] for s in samples if s[0] is None]
+
+
+def labels_of(ds, num_classes: int) -> list[int]:
+    """Every item's label (the dataset's label, for synthetic clips), checked against the probe's classes,
+    without decoding anything."""
+    if isinstance(ds, SyntheticVideos):
+        labels = [ds.labels(i)[ds.LABELS.index(ds.label)] for i in range(len(ds))]
+    else:
+        labels = [y for _, y in ds.items]
+    for i, y in enumerate(labels):
+        if not 0 <= y < num_classes:
+            where = f"synthetic item {i}" if isinstance(ds, SyntheticVideos) else \
+                ds.where(i) if isinstance(ds, VideoList) else ds.items[i][0]
+            raise ValueError(f"{where}: label {y} is outside the probe's {num_classes} classes "
+                             f"[0, {num_classes})")
+    return labels
+
+
+def stratified_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
+    """A random `fraction` of each class's indices (at least one per class), sorted: label efficiency."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    by_class, g, keep = defaultdict(list), torch.Generator().manual_seed(seed), []
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    for y in sorted(by_class):
+        idx = by_class[y]
+        keep += [idx[j] for j in torch.randperm(len(idx), generator=g)[:max(1, round(fraction * len(idx)))]]
+    return sorted(keep)
+
+
+def probe_splits(kind: str, train_src, val_src, frames: int, img_size: int, frame_step: int = 4):
+    """(train dataset, or None without train_src; val dataset) of real data for a probe: video lists (kind
+    "videos") or image folders ("images")."""
+    def make(src, train):
+        if kind == "videos":
+            return VideoList(src, frames, frame_step, img_size, train=train, flip=False)  # official: no flip
+        return ImageFolder(src, frames, img_size, train=train)
+
+    train, val = (make(train_src, True) if train_src else None), make(val_src, False)
+    if kind == "images" and train is not None and train.classes != val.classes:
+        raise ValueError(f"{train_src} and {val_src} hold different class folders")
+    return train, val
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def frozen_features(pcfg: probe.ProbeConfig) -> dict:
     encoder = probe.load_backbone(cfg).to(device)
     out = {"encoder": encoder.cfg}
     for split, ds in zip(("train", "val"), probe.make_datasets(cfg, encoder.cfg, True)):
-        items = probe.ProbeItems(ds, range(len(ds)), split == "train", cfg)
+        items = data.ProbeItems(ds, range(len(ds)), split == "train", cfg.seed)
         batches = probe.stream(encoder, items, cfg, device, amp, shuffle=False)
         out[split] = torch.cat([f for f, _, _ in batches]), ds  # synthetic clips are all readable
     return out
@@ -159,13 +159,13 @@ def probe_top1(features: dict, pcfg: probe.ProbeConfig) -> float:
     which = data.SyntheticVideos.LABELS.index(cfg.label)
     train_y, val_y = (torch.tensor([ds.labels(i)[which] for i in range(len(ds))], device=train_f.device)
                       for ds in (train_ds, val_ds))
-    keep = probe.stratified_subset(train_y.tolist(), cfg.train_fraction, cfg.seed)
+    keep = data.stratified_subset(train_y.tolist(), cfg.train_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)  # the probe's initial weights, as in probe.probe()
     ec, num_classes = features["encoder"], train_ds.num_classes[cfg.label]
     classifier = probe.AttentiveClassifier(ec.dim, ec.heads, num_classes, cfg.depth).to(device)
     train_batches = probe.cached_batches(train_f[keep], train_y[keep], [], cfg, shuffle=True)
     steps = math.ceil(len(keep) / cfg.batch_size)
-    for _ in probe.train_epochs(classifier, train_batches, steps, cfg, cfg.weight_decay, amp, scaler):
+    for _ in probe.train_epochs(classifier, train_batches, steps, cfg, amp, scaler):
         pass  # each iteration trains one epoch
     val_batches = probe.cached_batches(val_f, val_y, [], cfg, shuffle=False)
     return probe.evaluate(classifier, val_batches(), num_classes, amp)["top1"]

@@ -20,7 +20,6 @@ import json
 import math
 import sys
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -29,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import bench
@@ -222,104 +220,7 @@ def parse_args(argv: list[str] | None = None) -> ProbeConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Data. Every item becomes (clips (V, S, 3, T, H, W), label, error); an unreadable video gives
-#    clips=None and data.py's message, so it is counted and reported, never silently dropped.
-
-
-class ProbeItems(Dataset):
-    def __init__(self, ds, indices: list[int], train: bool, cfg: ProbeConfig):
-        self.ds, self.indices, self.train, self.cfg = ds, indices, train, cfg
-        self.augment = train and cfg.data != "synthetic"  # real data: random crops and flips (official)
-        self.epoch = 0  # seeds the augmentation; set before each epoch's DataLoader starts its workers
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        j, cfg = self.indices[i], self.cfg
-        try:
-            if isinstance(self.ds, data.VideoList) and not self.train:
-                return self.ds.eval_views(j, cfg.segments, cfg.views), self.ds.items[j][1], None
-            if self.augment:  # one augmented view per video and epoch
-                clip, y = self.ds.load(j, np.random.default_rng([cfg.seed, self.epoch, j]))
-            else:
-                clip, y = self.ds[j]
-            return clip[None, None], y, None  # (1, 1, 3, T, H, W)
-        except data.DataError as e:
-            return None, -1, str(e)
-
-
-def collate(samples):
-    ok = [s for s in samples if s[0] is not None]
-    clips = torch.stack([s[0] for s in ok]) if ok else None  # (B, V, S, 3, T, H, W)
-    return clips, torch.tensor([s[1] for s in ok], dtype=torch.long), [s[2] for s in samples if s[0] is None]
-
-
-def labels_of(ds, cfg: ProbeConfig, num_classes: int) -> list[int]:
-    """Every item's label, checked against the probe's classes (without decoding anything)."""
-    if isinstance(ds, data.SyntheticVideos):
-        labels = [ds.labels(i)[ds.LABELS.index(cfg.label)] for i in range(len(ds))]
-    else:
-        labels = [y for _, y in ds.items]
-    for i, y in enumerate(labels):
-        if not 0 <= y < num_classes:
-            where = f"synthetic item {i}" if isinstance(ds, data.SyntheticVideos) else \
-                ds.where(i) if isinstance(ds, data.VideoList) else ds.items[i][0]
-            raise ValueError(f"{where}: label {y} is outside the probe's {num_classes} classes "
-                             f"[0, {num_classes})")
-    return labels
-
-
-def stratified_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
-    """A random `fraction` of each class's indices (at least one per class), sorted: label efficiency."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
-    by_class, g, keep = defaultdict(list), torch.Generator().manual_seed(seed), []
-    for i, y in enumerate(labels):
-        by_class[y].append(i)
-    for y in sorted(by_class):
-        idx = by_class[y]
-        keep += [idx[j] for j in torch.randperm(len(idx), generator=g)[:max(1, round(fraction * len(idx)))]]
-    return sorted(keep)
-
-
-def training_scene(checkpoint: str) -> str:
-    """The synthetic scene a train.py checkpoint was trained on ("cluttered" before scenes existed);
-    "clean" for anything else (a random encoder, Meta's checkpoints)."""
-    if not checkpoint:
-        return "clean"
-    ckpt = vjepa.read_checkpoint(checkpoint)
-    train_config = ckpt.get("train_config") if isinstance(ckpt, dict) else None
-    return train_config.get("scene", "cluttered") if isinstance(train_config, dict) else "clean"
-
-
-def make_datasets(cfg: ProbeConfig, ec: vjepa.ModelConfig, training: bool):
-    """(train dataset or None, val dataset), at the encoder's frames and image size."""
-    T, px = ec.frames, ec.img_size
-    if cfg.data != "videos" and (cfg.segments, cfg.views) != (1, 1):
-        raise ValueError("--segments and --views apply to video lists (--data videos) only")
-    if cfg.data == "synthetic":
-        kw = {"label": cfg.label, "scene": cfg.scene or training_scene(cfg.checkpoint)}
-        return (data.SyntheticVideos(cfg.synthetic_train, T, px, seed=cfg.seed, **kw),
-                data.SyntheticVideos(cfg.synthetic_val, T, px, seed=cfg.seed + 1, **kw))
-    kind = "list" if cfg.data == "videos" else "dir"
-    train_src, val_src = getattr(cfg, f"train_{kind}"), getattr(cfg, f"val_{kind}")
-    if not val_src or (training and not train_src):
-        raise ValueError(f"--data {cfg.data} needs --val-{kind}, and --train-{kind} unless --epochs 0")
-
-    def make(src, train):
-        if cfg.data == "videos":
-            return data.VideoList(src, T, cfg.frame_step, px, train=train, flip=False)  # official: no flip
-        return data.ImageFolder(src, T, px, train=train)
-
-    train, val = (make(train_src, True) if training else None), make(val_src, False)
-    if cfg.data == "images" and train is not None and train.classes != val.classes:
-        raise ValueError(f"{train_src} and {val_src} hold different class folders")
-    return train, val
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Backbone, features, training, evaluation
+# 4. The frozen backbone and the data it is probed on (data.py: ProbeItems, labels_of, stratified_subset)
 
 
 def load_backbone(cfg: ProbeConfig) -> vjepa.Encoder:
@@ -335,13 +236,39 @@ def load_backbone(cfg: ProbeConfig) -> vjepa.Encoder:
     return enc.eval().requires_grad_(False)
 
 
-def stream(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, epoch=0, shuffle=None):
+def training_scene(checkpoint: str) -> str:
+    """The synthetic scene a train.py checkpoint was trained on ("cluttered" before scenes existed);
+    "clean" for anything else (a random encoder, Meta's checkpoints)."""
+    if not checkpoint:
+        return "clean"
+    ckpt = vjepa.read_checkpoint(checkpoint)
+    train_config = ckpt.get("train_config") if isinstance(ckpt, dict) else None
+    return train_config.get("scene", "cluttered") if isinstance(train_config, dict) else "clean"
+
+
+def make_datasets(cfg: ProbeConfig, ec: vjepa.ModelConfig, training: bool):
+    """(train dataset or None, val dataset), at the encoder's frames and image size."""
+    if cfg.data != "videos" and (cfg.segments, cfg.views) != (1, 1):
+        raise ValueError("--segments and --views apply to video lists (--data videos) only")
+    if cfg.data == "synthetic":
+        kw = {"label": cfg.label, "scene": cfg.scene or training_scene(cfg.checkpoint)}
+        return (data.SyntheticVideos(cfg.synthetic_train, ec.frames, ec.img_size, seed=cfg.seed, **kw),
+                data.SyntheticVideos(cfg.synthetic_val, ec.frames, ec.img_size, seed=cfg.seed + 1, **kw))
+    kind = "list" if cfg.data == "videos" else "dir"
+    train_src, val_src = getattr(cfg, f"train_{kind}"), getattr(cfg, f"val_{kind}")
+    if not val_src or (training and not train_src):
+        raise ValueError(f"--data {cfg.data} needs --val-{kind}, and --train-{kind} unless --epochs 0")
+    return data.probe_splits(cfg.data, train_src if training else None, val_src, ec.frames, ec.img_size,
+                             cfg.frame_step)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Features, training, evaluation
+
+
+def stream(encoder, items: data.ProbeItems, cfg: ProbeConfig, device, amp, epoch=0, shuffle=None):
     """Yields (feats (B, V, S*N, D) or None, labels (B,), errors) straight from the frozen encoder."""
-    items.epoch = epoch
-    per_batch = cfg.batch_size if items.train else max(1, cfg.batch_size // (cfg.views * cfg.segments))
-    shuffle = items.train if shuffle is None else shuffle
-    loader = DataLoader(items, per_batch, shuffle=shuffle, collate_fn=collate, num_workers=cfg.workers,
-                        generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    loader = items.loader(cfg.batch_size, items.train if shuffle is None else shuffle, epoch, cfg.workers)
     bar = tqdm(loader, desc="train" if items.train else "val", leave=False, disable=None)  # none in notebooks
     for clips, labels, errors in bar:
         feats = None
@@ -351,7 +278,7 @@ def stream(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, epoch=0, s
         yield feats, labels.to(device), errors
 
 
-def feature_source(encoder, items: ProbeItems, cfg: ProbeConfig, device, amp, cached: bool):
+def feature_source(encoder, items: data.ProbeItems, cfg: ProbeConfig, device, amp, cached: bool):
     """A function epoch -> iterator of (feats, labels, errors) batches. Cached: the encoder runs once here and
     later epochs reshuffle the stored features; else every epoch decodes and encodes (new augmentations)."""
     if not cached:
@@ -395,23 +322,23 @@ def evaluate(classifier, batches, num_classes: int, amp) -> dict:
                          f"{errors[0]}): no accuracy to report")
     top = probs.topk(min(5, num_classes), dim=1).indices  # (M, 5)
     n, hits = len(labels), (top[:, 0] == labels).sum().item()
-    res = {"top1": 100 * hits / max(n, 1), "readable": n, "unreadable": len(errors),
-           "top1_unreadable_as_wrong": 100 * hits / max(n + len(errors), 1),
+    res = {"top1": 100 * hits / n, "readable": n, "unreadable": len(errors),
+           "top1_unreadable_as_wrong": 100 * hits / (n + len(errors)),
            "denominator": "top1/top5: readable videos only; top1_unreadable_as_wrong: all videos",
            "unreadable_errors": errors}
     if num_classes > 5:
-        res["top5"] = 100 * (top == labels[:, None]).any(1).sum().item() / max(n, 1)
+        res["top5"] = 100 * (top == labels[:, None]).any(1).sum().item() / n
     return res | {"pred": top[:, 0].tolist(), "label": labels.tolist()}
 
 
-def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd: float, amp, scaler):
+def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, amp, scaler):
     """AdamW; lr and weight decay follow the official cosines (lr -> 0, wd -> 1e-6), stepped before each
     update; no decay on biases and 1-D parameters; gradients clipped at norm 1 (all as the official code).
     Yields (epoch, mean loss, train top-1, messages of the unreadable training videos) after each epoch."""
     params = list(classifier.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "decay": True},
                              {"params": [p for p in params if p.ndim <= 1], "decay": False}], foreach=True)
-    total, step = cfg.epochs * steps_per_epoch, 0
+    total, step, wd = cfg.epochs * steps_per_epoch, 0, cfg.weight_decay
     for epoch in range(cfg.epochs):
         classifier.train()
         losses, correct, seen, errors = [], 0, 0, []
@@ -438,7 +365,7 @@ def train_epochs(classifier, batches, steps_per_epoch: int, cfg: ProbeConfig, wd
         if not seen:
             raise ValueError(f"none of the {len(errors)} training videos could be read (the first: "
                              f"{errors[0]}): nothing to train the probe on")
-        yield epoch, float(np.mean(losses)), 100 * correct / max(seen, 1), errors
+        yield epoch, float(np.mean(losses)), 100 * correct / seen, errors
 
 
 def save_confusion(path: Path, pred: list[int], label: list[int], num_classes: int, names=None,
@@ -501,23 +428,22 @@ def probe(cfg: ProbeConfig) -> dict:
         classifier = AttentiveClassifier(ec.dim, ec.heads, n, cfg.depth)
     num_classes = classifier.linear.out_features
     classifier.to(device)
-    labels_of(val_ds, cfg, num_classes)  # fail now on a label out of range, not after the training
+    data.labels_of(val_ds, num_classes)  # fail now on a label out of range, not after the training
     # The encoder is frozen, so the unaugmented synthetic features are the same every epoch: computed once.
     cached = cfg.data == "synthetic"
-    val_items = ProbeItems(val_ds, range(len(val_ds)), False, cfg)
+    val_items = data.ProbeItems(val_ds, range(len(val_ds)), False, cfg.seed, cfg.segments, cfg.views)
     val_batches = feature_source(encoder, val_items, cfg, device, amp, cached)
     history, train_errors = [], []
     if training:
-        train_labels = labels_of(train_ds, cfg, num_classes)
-        keep = stratified_subset(train_labels, cfg.train_fraction, cfg.seed)
-        train_items = ProbeItems(train_ds, keep, True, cfg)
+        train_labels = data.labels_of(train_ds, num_classes)
+        keep = data.stratified_subset(train_labels, cfg.train_fraction, cfg.seed)
+        train_items = data.ProbeItems(train_ds, keep, True, cfg.seed, cfg.segments, cfg.views)
         train_batches = feature_source(encoder, train_items, cfg, device, amp, cached)
-        wd = cfg.weight_decay
         print(f"probe: {len(keep)} of {len(train_labels)} training items, {num_classes} classes (chance "
-              f"{100 / num_classes:.1f}%), {cfg.epochs} epochs, lr {cfg.lr:g}, wd {wd:g}, "
+              f"{100 / num_classes:.1f}%), {cfg.epochs} epochs, lr {cfg.lr:g}, wd {cfg.weight_decay:g}, "
               f"{vjepa.preset_name(ec)} encoder")
         steps = math.ceil(len(keep) / cfg.batch_size)
-        epochs = train_epochs(classifier, train_batches, steps, cfg, wd, amp, scaler)
+        epochs = train_epochs(classifier, train_batches, steps, cfg, amp, scaler)
         for epoch, loss, train_top1, errors in epochs:
             row, train_errors = {"epoch": epoch + 1, "loss": loss, "train_top1": train_top1}, errors
             last = epoch + 1 == cfg.epochs  # a streamed validation costs an encoder pass: only at the end
@@ -529,8 +455,8 @@ def probe(cfg: ProbeConfig) -> dict:
     res = evaluate(classifier, val_batches(), num_classes, amp)
     pred, label = res.pop("pred"), res.pop("label")
     res |= {"classes": num_classes, "chance_top1": 100 / num_classes, "encoder": vjepa.preset_name(ec),
-            "history": history,
-            "train_unreadable": train_errors, "seconds": time.time() - t_start, "config": asdict(cfg)}
+            "history": history, "train_unreadable": train_errors, "seconds": time.time() - t_start,
+            "config": asdict(cfg)}
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if training:

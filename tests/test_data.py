@@ -2,6 +2,7 @@
 of real video as the official loader, and a clear DataError for every kind of bad input."""
 import json
 import time
+from collections import Counter
 
 import av
 import numpy as np
@@ -18,13 +19,16 @@ from data import (
     VIDEO_CROP,
     DataError,
     ImageFolder,
+    ProbeItems,
     StepSampler,
     SyntheticVideos,
     TrainStream,
     VideoList,
     check_bad_fraction,
+    labels_of,
     make_train_loader,
     random_crop_box,
+    stratified_subset,
 )
 from masking import MultiBlockMasker
 
@@ -460,6 +464,46 @@ def test_image_folder_errors(tmp_path):
     ds = ImageFolder(tmp_path, frames=2, img_size=8)
     with pytest.raises(DataError, match=r"broken\.jpg: cannot read the image"):
         ds[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The probe's data (probe.py)
+
+
+def test_train_fraction_is_stratified_and_seeded():
+    labels = [0] * 100 + [1] * 10 + [2] * 3
+    keep = stratified_subset(labels, 0.1, seed=0)
+    assert Counter(labels[i] for i in keep) == {0: 10, 1: 1, 2: 1}  # per class, at least one each
+    assert keep == stratified_subset(labels, 0.1, seed=0)
+    assert keep != stratified_subset(labels, 0.1, seed=1)
+    with pytest.raises(ValueError, match="train_fraction"):
+        stratified_subset(labels, 0.0, seed=0)
+
+
+def test_probe_items_batch_clips_and_keep_unreadable_videos(videos, tmp_path):
+    """An evaluation item of a video list holds views x segments clips, so a batch of batch_size clips holds
+    batch_size // (views * segments) videos; an unreadable video stays in its batch as its message; labels
+    are read and checked without decoding, and a bad one names the list's line."""
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    lines = f"{videos / 'v40.mp4'} 1\n{tmp_path / 'bad.mp4'} 0\n{videos / 'v200.mp4'} 2\n"
+    (tmp_path / "list.txt").write_text(lines)
+    vl = VideoList(tmp_path / "list.txt", frames=4, frame_step=2, img_size=32, train=False)
+    items = ProbeItems(vl, range(3), train=False, segments=2, views=3)
+    batches = list(items.loader(batch_size=12, shuffle=False))  # 2 videos of 6 clips per batch
+    assert [y.tolist() for _, y, _ in batches] == [[1], [2]]
+    clips, _, errors = batches[0]
+    assert clips.shape == (1, 3, 2, 3, 4, 32, 32) and len(errors) == 1 and "bad.mp4" in errors[0]
+    assert batches[1][2] == []
+    assert labels_of(vl, 3) == [1, 0, 2]
+    with pytest.raises(ValueError, match=r"v200\.mp4 \(.*list\.txt:3\): label 2 is outside the probe's 2"):
+        labels_of(vl, 2)
+
+
+def test_labels_of_synthetic_clips_are_the_label_they_are_made_for():
+    ds = SyntheticVideos(64, seed=5, label="motion")
+    assert labels_of(ds, 8) == [ds[i][1] for i in range(64)] == [ds.labels(i)[1] for i in range(64)]
+    with pytest.raises(ValueError, match=r"synthetic item \d+: label \d is outside the probe's 3 classes"):
+        labels_of(ds, 3)
 
 
 # ----------------------------------------------------------------------------------------------------

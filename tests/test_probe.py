@@ -3,7 +3,6 @@ it evaluates views and segments as the official code, it learns, and it reports 
 import json
 import re
 import shutil
-from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -182,16 +181,6 @@ def test_views_are_averaged_after_the_softmax():
     assert torch.allclose(probs[0], expected)
     # averaging logits instead would pick another class: the order of mean and softmax matters here
     assert probs.argmax().item() == 0 and feats[0, :, 0].mean(0).argmax().item() == 1
-
-
-def test_train_fraction_is_stratified_and_seeded():
-    labels = [0] * 100 + [1] * 10 + [2] * 3
-    keep = probe.stratified_subset(labels, 0.1, seed=0)
-    assert Counter(labels[i] for i in keep) == {0: 10, 1: 1, 2: 1}  # per class, at least one each
-    assert keep == probe.stratified_subset(labels, 0.1, seed=0)
-    assert keep != probe.stratified_subset(labels, 0.1, seed=1)
-    with pytest.raises(ValueError, match="train_fraction"):
-        probe.stratified_subset(labels, 0.0, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------------
