@@ -1,14 +1,15 @@
 """Run the notebooks top to bottom in full mode and save them with their outputs, so that a reader browsing
 the repository (GitHub renders .ipynb files) sees every figure without running anything.
 
-    python notebooks/render.py                        # all four, about 15 min on a 2-core CPU
+    python notebooks/render.py                        # all four, about 13 min on a 2-core CPU
     python notebooks/render.py 02_attention.ipynb     # one (it uses the model notebook 03 trained)
 
 Notebook 03 runs first: it trains the tiny model in runs/notebook03 (or finishes the run already there), and
 notebooks 02 and 04 then look at that model, whatever runs/tiny holds. Each notebook runs in a fresh kernel
 in notebooks/, as a reader's would. What is saved is kept small and stable: progress bars keep only their
-last state, and the per-cell timing metadata is dropped. The notebook's metadata records a hash of its code
-cells, which the tests compare with the code, so a notebook edited after its last render fails them.
+last state (one per cell), and the per-cell timing metadata is dropped. The notebook's metadata records a
+hash of its code cells, which the tests compare with the code, so a notebook edited after its last render
+fails them.
 """
 import hashlib
 import os
