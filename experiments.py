@@ -39,13 +39,12 @@ class ExperimentConfig:
     # The experiments. Every run and probe is recorded in <out>/results.json as it finishes
     out: str = "runs/findings"  # results folder: results.json, label_efficiency.png, one folder per run
     seeds: int = 3  # seeds per arm (mean and std over them)
-    steps: int = 1000  # pretraining steps per encoder: the laptop recipe's (batch 16, ~6 min on 2 cores)
-    # The laptop recipe (train.py --size tiny, README "Laptop run"); --scene cluttered --ema-start 0.998
-    # --ema-end 1.0 --steps 300 runs the setup of this project's earlier findings
-    scene: str = "clean"  # synthetic scene of pretraining, probes and diagnostics (data.SCENES)
-    ema_start: float = 0.996  # EMA momentum at the first step, linear to --ema-end over 1.25 x steps
-    ema_end: float = 0.996  # EMA momentum at the horizon
-    fractions: str = "0.1,1.0"  # label-efficiency points (more cost ~25 s per probe, 18 probes each)
+    # Pretraining: the laptop recipe, train.py's defaults (README "Laptop run")
+    steps: int = train.TrainConfig.steps  # pretraining steps per encoder (batch 16, ~6 min on 2 cores)
+    scene: str = train.TrainConfig.scene  # synthetic scene of pretraining, probes, diagnostics (data.SCENES)
+    ema_start: float = train.TrainConfig.ema_start  # EMA momentum at the first step, linear to --ema-end
+    ema_end: float = train.TrainConfig.ema_end  # EMA momentum at the horizon (1.25 x steps)
+    fractions: str = "0.1,1.0"  # label-efficiency points (each adds 18 probes: 3 arms x 2 labels x 3 seeds)
     probe_steps: int = 300  # optimizer steps of every probe, whatever its label fraction (see probe_epochs)
     probe_lr: float = 2e-3  # official 1e-3 is tuned for ~20 epochs of K400; our probes are shorter
     synthetic_train: int = 1024  # probe training clips (8 classes: 128 per class at 100%, 6 at 5%)
