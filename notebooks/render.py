@@ -4,8 +4,9 @@ the repository (GitHub renders .ipynb files) sees every figure without running a
     python notebooks/render.py                        # all four, about 13 min on a 2-core CPU
     python notebooks/render.py 02_attention.ipynb     # one (it uses the model notebook 03 trained)
 
-Notebook 03 runs first: it trains the tiny model in runs/notebook03 (or finishes the run already there), and
-notebooks 02 and 04 then look at that model, whatever runs/tiny holds. Each notebook runs in a fresh kernel
+Notebook 03 runs first and from scratch: its own run folders (runs/notebook03, runs/notebook03_ema0) are
+removed first, so that its saved outputs show the training itself, not a finished run being reloaded.
+Notebooks 02 and 04 then look at that model, whatever runs/tiny holds. Each notebook runs in a fresh kernel
 in notebooks/, as a reader's would. What is saved is kept small and stable: progress bars keep only their
 last state (one per cell), and the per-cell timing metadata is dropped. The notebook's metadata records a
 hash of its code cells, which the tests compare with the code, so a notebook edited after its last render
@@ -14,6 +15,7 @@ fails them.
 import hashlib
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,8 @@ import nbformat
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["03_train_and_probe.ipynb", "01_masks.ipynb", "02_attention.ipynb", "04_released_weights.ipynb"]
-TINY_CKPT = HERE.parent / "runs" / "notebook03" / "ckpt.pt"  # the model notebook 03 trains, for 02 and 04
+RUNS_OF_03 = [HERE.parent / "runs" / name for name in ("notebook03", "notebook03_ema0")]  # its run folders
+TINY_CKPT = RUNS_OF_03[0] / "ckpt.pt"  # the model notebook 03 trains, shown by notebooks 02 and 04
 SHOW_TINY_CKPT = ("02_attention.ipynb", "04_released_weights.ipynb")
 CELL_TIMEOUT = 1800  # seconds; notebook 03's training cell is the longest (minutes on a CPU)
 
@@ -90,6 +93,9 @@ def main(names: list[str]):
     if unknown:
         sys.exit(f"render.py: no notebook {', '.join(unknown)}; the notebooks: {', '.join(ORDER)}")
     for name in [n for n in ORDER if n in names] if names else ORDER:
+        if name == ORDER[0]:
+            for run in RUNS_OF_03:
+                shutil.rmtree(run, ignore_errors=True)
         if name in SHOW_TINY_CKPT and not TINY_CKPT.exists():
             sys.exit(f"render.py: {name} shows the model notebook 03 trains; render {ORDER[0]} first")
         render(HERE / name)
