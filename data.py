@@ -168,8 +168,9 @@ class SyntheticVideos(torch.utils.data.Dataset):
         pair = np.random.default_rng([self.seed, index // pairs, 1]).permutation(pairs)[index % pairs]
         return divmod(int(pair), len(MOTIONS))
 
-    def render(self, index: int, appearance: int, motion: int) -> np.ndarray:
-        """(3, T, H, W) float32 in [0, 1]: the scene of `index` (all its random draws) with these classes."""
+    def render(self, index: int, appearance: int, motion: int, with_mask: bool = False):
+        """(3, T, H, W) float32 in [0, 1]: the scene of `index` (all its random draws) with these classes;
+        with_mask: also the (T, H, W) boolean map of the object's pixels in each frame."""
         T, S, scene = self.frames, self.img_size, SCENES[self.scene]
         rng = np.random.default_rng([self.seed, index, 0])  # the same draws in every scene and class
         t, grid = np.arange(T, dtype=np.float32), np.arange(S, dtype=np.float32)
@@ -226,7 +227,8 @@ class SyntheticVideos(torch.utils.data.Dataset):
         # uniform noise shared by the channels: as unpredictable as Gaussian noise, and cheaper
         if scene["noise"]:
             img += np.float32(rng.uniform(0.05, 0.25)) * (rng.random((T, S, S), dtype=np.float32) - 0.5)
-        return np.clip(img, 0, 1, out=img)
+        np.clip(img, 0, 1, out=img)
+        return (img, inside) if with_mask else img
 
     def sample(self, index: int) -> tuple[torch.Tensor, dict[str, int]]:
         """(3, T, H, W) normalised clip, {"appearance": a, "motion": m}."""

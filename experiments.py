@@ -2,6 +2,7 @@
 
     python experiments.py            # all of it on a 2-core CPU, resumable: runs/findings/results.json
     python experiments.py --quick    # a smoke run of the whole pipeline in a minute
+    python experiments.py --motion-sources runs/tiny/ckpt.pt   # where a probe finds motion, ~2.5 min
 
 Same encoder (tiny), same data (the built-in synthetic videos), same steps, same probe, several seeds. Arms:
     features     V-JEPA: predict the EMA encoder's features, multi-block masks   (paper section 3)
@@ -18,12 +19,15 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 import bench
 import cli
@@ -50,6 +54,8 @@ class ExperimentConfig:
     synthetic_train: int = 1024  # probe training clips (8 classes: 128 per class at 100%, 6 at 5%)
     synthetic_val: int = 512  # probe validation clips
     quick: bool = False  # a smoke run: 2 steps, 1 seed, tiny probes
+    # Instead of the findings (motion_sources; README "Motion: not learned at this scale, and why")
+    motion_sources: str = ""  # a train.py checkpoint: where a probe finds motion in it and in a random one
 
 
 ARMS = {"features": {"target": "features", "masking": "multiblock"},
@@ -129,16 +135,17 @@ def run(cfg: ExperimentConfig) -> dict:
     return results
 
 
-def frozen_features(pcfg: probe.ProbeConfig) -> dict:
+def frozen_features(pcfg: probe.ProbeConfig, datasets=None) -> dict:
     """The frozen encoder's features of all the probe's synthetic clips, computed once per encoder and shared
     by its probes (both label sets, every label fraction), where probe.probe() would encode them for each.
-    {"train" / "val": (features (M, 1, N, D), dataset), "encoder": its ModelConfig}."""
+    {"train" / "val": (features (M, 1, N, D), dataset), "encoder": its ModelConfig}. `datasets`: (train, val)
+    to use instead of the probe's own."""
     cfg = probe.with_defaults(pcfg)
     device = bench.pick_device(cfg.device)
     amp = bench.autocast(device, bench.precision_of(device))
     encoder = probe.load_backbone(cfg).to(device)
     out = {"encoder": encoder.cfg}
-    for split, ds in zip(("train", "val"), probe.make_datasets(cfg, encoder.cfg, True)):
+    for split, ds in zip(("train", "val"), datasets or probe.make_datasets(cfg, encoder.cfg, True)):
         items = data.ProbeItems(ds, range(len(ds)), split == "train", cfg.seed)
         batches = probe.stream(encoder, items, cfg, device, amp, shuffle=False)
         out[split] = torch.cat([f for f, _, _ in batches]), ds  # synthetic clips are all readable
@@ -191,6 +198,92 @@ def feature_diagnostics(encoder: vjepa.Encoder, clips: torch.Tensor) -> dict:
     total = (f - f.mean((0, 1))).pow(2).sum()
     return {"position_share": float(1 - content.pow(2).sum() / total),
             "effective_rank": train.effective_rank(content.flatten(0, 1))}  # rows already centred
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where can a probe find motion? (README "Motion: not learned at this scale, and why")
+
+
+class FramesTwice(data.SyntheticVideos):
+    """The same clips with every other frame shown twice (0, 0, 2, 2, ...): nothing moves inside a tubelet
+    (2 frames), while the object still moves from one tubelet to the next."""
+
+    def sample(self, index: int):
+        clip, labels = super().sample(index)  # (3, T, H, W)
+        return clip[:, 0::2].repeat_interleave(2, dim=1), labels
+
+
+def object_tokens(ds: data.SyntheticVideos, ec: vjepa.ModelConfig) -> torch.Tensor:
+    """(M, N) bool, in the encoder's token order: the object covers more than half of the token's pixels."""
+    masks = np.stack([ds.render(i, *ds.labels(i), with_mask=True)[1] for i in range(len(ds))])  # (M, T, H, W)
+    cover = rearrange(torch.from_numpy(masks).float(), "m (t a) (h p) (w q) -> m (t h w) (a p q)",
+                      a=ec.tubelet, p=ec.patch, q=ec.patch).mean(-1)  # (M, N)
+    return cover > 0.5
+
+
+def linear_readout(x: torch.Tensor, y: torch.Tensor):
+    """A logistic regression from features (M, D) to a bool (M,), fitted with both classes weighted equally;
+    returns score(x_val, y_val) -> its balanced accuracy (%, chance 50) there."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200)
+    z, target = (x - mean) / std, y.float()
+
+    def loss():
+        opt.zero_grad()
+        out = F.binary_cross_entropy_with_logits(z @ w + b, target, pos_weight=(~y).sum() / y.sum())
+        (out + 1e-4 * w.square().sum()).backward()
+        return out
+
+    opt.step(loss)
+
+    @torch.no_grad()
+    def score(x_val: torch.Tensor, y_val: torch.Tensor) -> float:
+        hit = (((x_val - mean) / std) @ w + b > 0) == y_val
+        return 50 * (hit[y_val].float().mean() + hit[~y_val].float().mean()).item()
+    return score
+
+
+def motion_sources(checkpoint: str = "", seed: int = 0, train_clips: int = 1024, val_clips: int = 512,
+                   epochs: int = 20) -> dict:
+    """Where a probe can find motion in a frozen encoder (a train.py checkpoint, or "": a random tiny one),
+    on the synthetic motion label, with probe.py's default probe:
+    motion                  the motion probe's top-1 (as `python probe.py --label motion`)
+    motion_frames_twice     the same probe, trained and tested on FramesTwice clips: what is left when
+                            nothing moves inside a tubelet
+    object_tokens           a linear readout, token by token, of "the object covers this token" (balanced
+                            accuracy, chance 50)
+    object_tokens_changing  the same readout scored on the tokens whose place the object covers at some
+                            time steps and not at others: only a feature of where the object is *at that
+                            time step* gets these right"""
+    backbone = {"checkpoint": checkpoint} if checkpoint else {"size": "tiny", "random_init": True}
+    pcfg = probe.ProbeConfig(**backbone, label="motion", seed=seed, epochs=epochs,
+                             synthetic_train=train_clips, synthetic_val=val_clips)
+    scene = probe.training_scene(checkpoint)
+    out = {}
+    for key, kind in (("motion", data.SyntheticVideos), ("motion_frames_twice", FramesTwice)):
+        sets = [kind(n, seed=seed + k, label="motion", scene=scene)  # the probe's seeds: train, val
+                for k, n in enumerate((train_clips, val_clips))]
+        features = frozen_features(pcfg, sets)
+        out[key] = probe_top1(features, pcfg)
+        if key == "motion":
+            out |= object_readouts(features)
+    return out
+
+
+def object_readouts(features: dict) -> dict:
+    """motion_sources' two object readouts, from frozen_features() of SyntheticVideos clips."""
+    ec = features["encoder"]
+    (f, ds), (f_val, ds_val) = features["train"], features["val"]
+    on, on_val = object_tokens(ds, ec).flatten(), object_tokens(ds_val, ec)  # (M*N,), (M', N)
+    per_place = rearrange(on_val, "m (t s) -> m t s", t=ec.grid[0])  # (M', T', H'*W')
+    changing = (per_place.any(1, keepdim=True) & ~per_place.all(1, keepdim=True)).expand_as(per_place)
+    changing, on_val = changing.flatten(), on_val.flatten()
+    x, x_val = f[:, 0].flatten(0, 1).float(), f_val[:, 0].flatten(0, 1).float()  # (M*N, D), (M'*N, D)
+    score = linear_readout(x, on)
+    return {"object_tokens": score(x_val, on_val),
+            "object_tokens_changing": score(x_val[changing], on_val[changing])}
 
 
 def summarise(probes: dict) -> dict:
@@ -246,5 +339,27 @@ def parse_args(argv=None) -> ExperimentConfig:
     return cli.parse(ExperimentConfig, argv, __doc__)
 
 
+def print_motion_sources(checkpoint: str):
+    trained = motion_sources(checkpoint)  # first: a wrong path fails before the random encoder's minute
+    rows = {"random encoder": motion_sources(""), checkpoint: trained}
+    print("| frozen encoder | motion | motion, frames twice | object tokens | object tokens, changing |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['motion']:.1f} | {r['motion_frames_twice']:.1f} | {r['object_tokens']:.1f} | "
+              f"{r['object_tokens_changing']:.1f} |")
+    return rows
+
+
+def main(argv=None):
+    config = parse_args(argv)
+    try:
+        if config.motion_sources:
+            print_motion_sources(config.motion_sources)
+        else:
+            run(config)
+    except (ValueError, OSError) as e:  # a missing or wrong checkpoint, a full disk: the message only
+        sys.exit(f"error: {e}")
+
+
 if __name__ == "__main__":
-    run(parse_args())
+    main()

@@ -2,10 +2,14 @@
 import json
 import math
 
+import numpy as np
+import pytest
 import torch
 
+import data
 import experiments
 import probe
+import vjepa
 
 
 class Fixed(torch.nn.Module):
@@ -66,3 +70,52 @@ def test_shared_features_give_the_probe_result(tmp_path, capsys):
         cfg = probe.ProbeConfig(**base, label=label)
         assert experiments.probe_top1(features, cfg) == probe.probe(cfg)["top1"]
     assert capsys.readouterr().out.count("train features") == 2  # probe.probe encoded; the shared ones not
+
+
+def test_object_mask_is_the_object_and_object_tokens_follow_the_encoder_token_order():
+    ds = data.SyntheticVideos(8, seed=3)
+    ec = vjepa.PRESETS["tiny"]
+    for i in range(len(ds)):
+        a, m = ds.labels(i)
+        img, mask = ds.render(i, a, m, with_mask=True)
+        assert np.array_equal(img, ds.render(i, a, m))  # asking for the mask changes nothing
+        assert 0 < mask.mean() < 0.6
+        if a % 2 == 0:  # a solid object: one colour exactly where the mask is
+            colours = img[:, mask]  # (3, pixels)
+            assert np.allclose(colours, colours[:, :1])
+            assert not np.allclose(img[:, ~mask].std(1), 0)  # the background is not that flat colour
+    masks = torch.stack([torch.from_numpy(ds.render(i, *ds.labels(i), with_mask=True)[1]) for i in range(8)])
+    embed = vjepa.PatchEmbed3D(1, ec.patch, ec.tubelet, in_chans=1)  # the encoder's own token order
+    with torch.no_grad():
+        embed.proj.weight.fill_(1 / embed.proj.weight.numel())  # the mean over a tubelet's pixels
+        embed.proj.bias.zero_()
+        cover = embed(masks.float()[:, None])[..., 0]  # (8, N)
+    assert torch.equal(experiments.object_tokens(ds, ec), cover > 0.5)
+
+
+def test_frames_twice_shows_every_other_frame_twice():
+    plain, twice = data.SyntheticVideos(4, seed=1), experiments.FramesTwice(4, seed=1)
+    for i in range(4):
+        (x, y), (x2, y2) = plain.sample(i), twice.sample(i)
+        assert y == y2
+        assert torch.equal(x2[:, 0::2], x[:, 0::2]) and torch.equal(x2[:, 1::2], x[:, 0::2])
+
+
+def test_linear_readout_scores_a_separable_label_100_and_an_unrelated_one_near_chance():
+    g = torch.Generator().manual_seed(0)
+    x, x_val = torch.randn(4000, 8, generator=g), torch.randn(2000, 8, generator=g)
+    separable = experiments.linear_readout(x, x[:, 2] > 0.5)(x_val, x_val[:, 2] > 0.5)
+    unrelated = experiments.linear_readout(x, torch.rand(4000, generator=g) < 0.3)(
+        x_val, torch.rand(2000, generator=g) < 0.3)
+    assert separable > 98 and 40 < unrelated < 60
+
+
+def test_motion_sources_measures_all_four_on_a_small_run(capsys):
+    r = experiments.motion_sources("", train_clips=32, val_clips=16, epochs=1)
+    assert set(r) == {"motion", "motion_frames_twice", "object_tokens", "object_tokens_changing"}
+    assert all(0 <= v <= 100 for v in r.values())
+
+
+def test_motion_sources_names_a_missing_checkpoint_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        experiments.main(["--motion-sources", str(tmp_path / "nope.pt")])
