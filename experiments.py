@@ -245,10 +245,11 @@ def linear_readout(x: torch.Tensor, y: torch.Tensor):
     return score
 
 
-def motion_sources(checkpoint: str = "", seed: int = 0, train_clips: int = 1024, val_clips: int = 512,
-                   epochs: int = 20) -> dict:
+def motion_sources(checkpoint: str = "", scene: str = "", seed: int = 0, train_clips: int = 1024,
+                   val_clips: int = 512, epochs: int = 20) -> dict:
     """Where a probe can find motion in a frozen encoder (a train.py checkpoint, or "": a random tiny one),
-    on the synthetic motion label, with probe.py's default probe:
+    on the synthetic motion label of `scene` ("": the checkpoint's, as in probe.py), with probe.py's default
+    probe:
     motion                  the motion probe's top-1 (as `python probe.py --label motion`)
     motion_frames_twice     the same probe, trained and tested on FramesTwice clips: what is left when
                             nothing moves inside a tubelet
@@ -260,7 +261,7 @@ def motion_sources(checkpoint: str = "", seed: int = 0, train_clips: int = 1024,
     backbone = {"checkpoint": checkpoint} if checkpoint else {"size": "tiny", "random_init": True}
     pcfg = probe.ProbeConfig(**backbone, label="motion", seed=seed, epochs=epochs,
                              synthetic_train=train_clips, synthetic_val=val_clips)
-    scene = probe.training_scene(checkpoint)
+    scene = scene or probe.training_scene(checkpoint)
     out = {}
     for key, kind in (("motion", data.SyntheticVideos), ("motion_frames_twice", FramesTwice)):
         sets = [kind(n, seed=seed + k, label="motion", scene=scene)  # the probe's seeds: train, val
@@ -341,7 +342,7 @@ def parse_args(argv=None) -> ExperimentConfig:
 
 def print_motion_sources(checkpoint: str):
     trained = motion_sources(checkpoint)  # first: a wrong path fails before the random encoder's minute
-    rows = {"random encoder": motion_sources(""), checkpoint: trained}
+    rows = {"random encoder": motion_sources("", probe.training_scene(checkpoint)), checkpoint: trained}
     print("| frozen encoder | motion | motion, frames twice | object tokens | object tokens, changing |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():

@@ -67,7 +67,7 @@ class TrainConfig:
     truncation: str = "official"  # "official" (drop the latest tokens) or "random" (masking.equalise)
     # Data
     synthetic_size: int = 100_000  # distinct synthetic videos per epoch
-    scene: str = "clean"  # synthetic scene (data.SCENES): "clean" or "cluttered"
+    scene: str = "clean"  # synthetic scene (data.SCENES): "clean", "cluttered" or "fast" (2.5x the motion)
     frame_step: int = 4  # real video: 16 frames at stride 4 cover 64 frames
     workers: int = 0  # DataLoader worker processes per GPU (real video wants several: see README)
     max_bad_fraction: float = 0.05  # stop when more than this fraction of videos fail to decode

@@ -567,3 +567,16 @@ def test_scenes_clean_is_still_and_cluttered_moves_around_the_object():
         assert (np.abs(busy[:, 1:] - busy[:, :-1]).max(0) > 0).mean() > 0.9
     with pytest.raises(ValueError, match="scene must be one of"):
         SyntheticVideos(8, scene="foggy")
+
+
+def test_the_fast_scene_is_the_clean_one_with_the_object_moving_2_5x_as_far():
+    """Same draws, so frame 0 is the clean scene's; moving right, the object's mask reaches in frame 2 the
+    place the clean scene's reaches in frame 5 (2.5 x 2 = 5 frames' worth of the same speed)."""
+    clean, fast = SyntheticVideos(8, seed=4, scene="clean"), SyntheticVideos(8, seed=4, scene="fast")
+    for i in range(8):
+        a = clean.labels(i)[0]
+        (c, c_mask), (f, f_mask) = clean.render(i, a, 0, with_mask=True), fast.render(i, a, 0, with_mask=True)
+        assert np.array_equal(c[:, 0], f[:, 0])
+        assert not np.array_equal(c[:, 2], f[:, 2])
+        assert (c_mask[5] != f_mask[2]).sum() <= 8  # the same place, up to rounding on the edge pixels
+        assert (c_mask[2] != f_mask[2]).sum() > 50  # and not where the clean scene's object is at frame 2

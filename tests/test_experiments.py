@@ -111,7 +111,7 @@ def test_linear_readout_scores_a_separable_label_100_and_an_unrelated_one_near_c
 
 
 def test_motion_sources_measures_all_four_on_a_small_run(capsys):
-    r = experiments.motion_sources("", train_clips=32, val_clips=16, epochs=1)
+    r = experiments.motion_sources("", scene="fast", train_clips=32, val_clips=16, epochs=1)
     assert set(r) == {"motion", "motion_frames_twice", "object_tokens", "object_tokens_changing"}
     assert all(0 <= v <= 100 for v in r.values())
 

@@ -398,7 +398,7 @@ def test_fp16_path_scales_the_loss_and_resumes_with_its_scale(tmp_path, monkeypa
     ("frame_step", 0, "--frame-step must be >= 1"), ("batch_size", 0, "--batch-size must be >= 1"),
     ("max_bad_fraction", 1.0, "--max-bad-fraction must be in [0, 1)"), ("seed", -1, "--seed must be >= 0"),
     ("tube_ratio", 1.0, "--tube-ratio must be in (0, 1)"), ("warmup", "10", "--warmup must be >= 0"),
-    ("scene", "foggy", "--scene must be one of 'clean', 'cluttered'")])
+    ("scene", "foggy", "--scene must be one of 'clean', 'cluttered', 'fast'")])
 def test_bad_options_are_refused_before_anything_is_built(tmp_path, monkeypatch, field, value, message):
     def never(*args):
         raise AssertionError("the model was built")
