@@ -216,9 +216,7 @@ class FramesTwice(data.SyntheticVideos):
 def object_tokens(ds: data.SyntheticVideos, ec: vjepa.ModelConfig) -> torch.Tensor:
     """(M, N) bool, in the encoder's token order: the object covers more than half of the token's pixels."""
     masks = np.stack([ds.render(i, *ds.labels(i), with_mask=True)[1] for i in range(len(ds))])  # (M, T, H, W)
-    cover = rearrange(torch.from_numpy(masks).float(), "m (t a) (h p) (w q) -> m (t h w) (a p q)",
-                      a=ec.tubelet, p=ec.patch, q=ec.patch).mean(-1)  # (M, N)
-    return cover > 0.5
+    return vjepa.tubelets(torch.from_numpy(masks).float()[:, None], ec).mean(-1) > 0.5  # (M, N)
 
 
 def linear_readout(x: torch.Tensor, y: torch.Tensor):
@@ -259,17 +257,13 @@ def motion_sources(checkpoint: str = "", scene: str = "", seed: int = 0, train_c
                             time steps and not at others: only a feature of where the object is *at that
                             time step* gets these right"""
     backbone = {"checkpoint": checkpoint} if checkpoint else {"size": "tiny", "random_init": True}
-    pcfg = probe.ProbeConfig(**backbone, label="motion", seed=seed, epochs=epochs,
+    pcfg = probe.ProbeConfig(**backbone, label="motion", scene=scene, seed=seed, epochs=epochs,
                              synthetic_train=train_clips, synthetic_val=val_clips)
-    scene = scene or probe.training_scene(checkpoint)
-    out = {}
-    for key, kind in (("motion", data.SyntheticVideos), ("motion_frames_twice", FramesTwice)):
-        sets = [kind(n, seed=seed + k, label="motion", scene=scene)  # the probe's seeds: train, val
-                for k, n in enumerate((train_clips, val_clips))]
-        features = frozen_features(pcfg, sets)
-        out[key] = probe_top1(features, pcfg)
-        if key == "motion":
-            out |= object_readouts(features)
+    features = frozen_features(pcfg)  # the probe's own clips
+    out = {"motion": probe_top1(features, pcfg)} | object_readouts(features)
+    twice = [FramesTwice(len(ds), ds.frames, ds.img_size, seed=ds.seed, label=ds.label, scene=ds.scene)
+             for _, ds in (features["train"], features["val"])]  # the same clips, frames shown twice
+    out["motion_frames_twice"] = probe_top1(frozen_features(pcfg, twice), pcfg)
     return out
 
 
@@ -341,8 +335,8 @@ def parse_args(argv=None) -> ExperimentConfig:
 
 
 def print_motion_sources(checkpoint: str):
-    trained = motion_sources(checkpoint)  # first: a wrong path fails before the random encoder's minute
-    rows = {"random encoder": motion_sources("", probe.training_scene(checkpoint)), checkpoint: trained}
+    scene = probe.training_scene(checkpoint)  # first: a wrong path fails before any work
+    rows = {"random encoder": motion_sources("", scene), checkpoint: motion_sources(checkpoint, scene)}
     print("| frozen encoder | motion | motion, frames twice | object tokens | object tokens, changing |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():

@@ -344,6 +344,12 @@ def init_weights(module: nn.Module):
 # 8. V-JEPA: targets from the EMA encoder on the full clip, context per mask generator, prediction, L1.
 
 
+def tubelets(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, N, C*tubelet*patch^2): each token's pixels, in PatchEmbed3D's token order."""
+    return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)",
+                     pt=cfg.tubelet, ph=cfg.patch, pw=cfg.patch)
+
+
 class VJEPA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -390,9 +396,7 @@ class VJEPA(nn.Module):
     def tubelet_pixels(self, clip: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) -> (B, N, 3*tubelet*patch^2): each token's pixels, normalised per token (as MAE's
         norm_pix_loss), in the token order of PatchEmbed3D."""
-        c = self.cfg
-        x = rearrange(clip, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)",
-                      pt=c.tubelet, ph=c.patch, pw=c.patch)  # (B, N, P)
+        x = tubelets(clip, self.cfg)  # (B, N, P)
         return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()  # (B, N, P)
 
     @torch.no_grad()
