@@ -122,9 +122,10 @@ MIRRORED_MOTION = (1, 0, 2, 3, 5, 4, 6, 7)  # the motion class of a horizontally
 # hidden region means knowing where the object is and where it goes; "cluttered" adds what is
 # unpredictable in pixels (a drifting background, distractor blobs, per-pixel noise) around a smaller object;
 # "fast" is the clean scene with every motion 2.5x as fast (README "Motion: not learned at this scale").
-SCENES = {"clean": {"radius": (0.19, 0.35), "drift": False, "blobs": False, "noise": False, "speed": 1.0},
+CLEAN = {"radius": (0.19, 0.35), "drift": False, "blobs": False, "noise": False, "speed": 1.0}
+SCENES = {"clean": CLEAN,
           "cluttered": {"radius": (0.12, 0.22), "drift": True, "blobs": True, "noise": True, "speed": 1.0},
-          "fast": {"radius": (0.19, 0.35), "drift": False, "blobs": False, "noise": False, "speed": 2.5}}
+          "fast": {**CLEAN, "speed": 2.5}}
 
 
 class SyntheticVideos(torch.utils.data.Dataset):
